@@ -1,0 +1,54 @@
+"""safemigrate: data migrations on live SQL databases that never lose a row."""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    AbortedError,
+    BackupError,
+    ChecksumMismatchError,
+    ConfigError,
+    DatabaseError,
+    DatabaseLockedError,
+    DiskFullError,
+    IrreversibleError,
+    LockHeldError,
+    MigrationFileError,
+    NotADatabaseError,
+    NotReadyError,
+    RollbackError,
+    SafeMigrateError,
+    UsageError,
+    ValidationError,
+)
+from .migration import Migration
+from .steps import AddColumn, Backfill, CreateIndex, CreateTable, DropIndex, RawSQL, Step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError",
+    "AddColumn",
+    "Backfill",
+    "BackupError",
+    "ChecksumMismatchError",
+    "ConfigError",
+    "CreateIndex",
+    "CreateTable",
+    "DatabaseError",
+    "DatabaseLockedError",
+    "DiskFullError",
+    "DropIndex",
+    "IrreversibleError",
+    "LockHeldError",
+    "Migration",
+    "MigrationFileError",
+    "NotADatabaseError",
+    "NotReadyError",
+    "RawSQL",
+    "RollbackError",
+    "SafeMigrateError",
+    "Step",
+    "UsageError",
+    "ValidationError",
+    "__version__",
+]

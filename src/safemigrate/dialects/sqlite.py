@@ -1,0 +1,198 @@
+"""SQLite: the embedded default. Online backup API for snapshots, ATTACH for restores."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .._exceptions import (
+    DatabaseError,
+    DatabaseLockedError,
+    DiskFullError,
+    NotADatabaseError,
+    SafeMigrateError,
+)
+from .base import Dialect
+
+
+def _install_transaction_fix(engine: Engine) -> None:
+    """Make pysqlite transactions real: DDL inside them, and write locks taken up front.
+
+    The sqlite3 module otherwise commits before DDL and begins lazily, which would split a
+    batch's writes from its checkpoint. BEGIN IMMEDIATE takes the write lock at the start so a
+    transaction never fails half-way on a lock upgrade; readers ask for DEFERRED.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+
+    @property
+    def path(self) -> Path | None:
+        db = self.url.database
+        return None if db in (None, "", ":memory:") else Path(db)
+
+    def create_engine(self) -> Engine:
+        engine = sa.create_engine(
+            self.url,
+            connect_args={"timeout": self.lock_timeout, "check_same_thread": False},
+            poolclass=sa.pool.NullPool,
+        )
+        _install_transaction_fix(engine)
+        return engine
+
+    def ping(self) -> None:
+        path = self.path
+        if path is not None and not path.exists():
+            raise DatabaseError(
+                f"database file {path} does not exist",
+                "check the path given to --db (safemigrate never creates the target database)",
+            )
+        if path is not None and path.is_dir():
+            raise NotADatabaseError(f"{path} is a directory, not a SQLite database file")
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA schema_version").scalar()
+        except sa.exc.DBAPIError as exc:
+            raise self.translate_error(exc) from None
+
+    def translate_error(self, exc: BaseException) -> SafeMigrateError:
+        text = str(getattr(exc, "orig", exc) or exc)
+        lower = text.lower()
+        if "database is locked" in lower or "database table is locked" in lower:
+            return DatabaseLockedError(f"database {self.path} is locked by another connection")
+        if "file is not a database" in lower or "file is encrypted" in lower:
+            return NotADatabaseError(f"{self.path} is not a SQLite database")
+        if "disk is full" in lower or "disk i/o error" in lower:
+            return DiskFullError(f"no space left writing {self.path}: {text}")
+        if "unable to open database" in lower:
+            return DatabaseError(f"cannot open database {self.path}: {text}")
+        return DatabaseError(f"SQLite error: {text.splitlines()[0]}")
+
+    def server_version(self, conn: Connection) -> str:
+        return "SQLite " + str(conn.exec_driver_sql("select sqlite_version()").scalar())
+
+    def size_bytes(self, conn: Connection) -> int:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+        size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
+        return int(pages) * int(size)
+
+    def user_tables(self, conn: Connection) -> list[str]:
+        rows = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+        ).scalars()
+        return sorted(r for r in rows if not r.startswith("safemigrate_"))
+
+    def schema_fingerprint(self, conn: Connection, tables: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        existing = set(self.user_tables(conn))
+        for table in sorted(tables):
+            if table not in existing:
+                out[table] = None
+                continue
+            q = self.quote(table)
+            cols = [list(r) for r in conn.exec_driver_sql(f"PRAGMA table_xinfo({q})")]
+            fks = [list(r)[2:] for r in conn.exec_driver_sql(f"PRAGMA foreign_key_list({q})")]
+            objs = conn.exec_driver_sql(
+                "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? AND type IN "
+                "('index', 'trigger') ORDER BY type, name",
+                (table,),
+            ).all()
+            out[table] = {
+                "columns": cols,
+                "foreign_keys": sorted(fks, key=repr),
+                "objects": [[t, n, " ".join((s or "").split())] for t, n, s in objs],
+            }
+        return out
+
+    def integrity_check(self, conn: Connection) -> list[str]:
+        rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def index_definition(self, conn: Connection, table: str, name: str) -> str | None:
+        return conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type='index' AND name = ? AND tbl_name = ?",
+            (name, table),
+        ).scalar()
+
+    def snapshot(self, conn: Connection, dest: Path) -> None:
+        source = conn.connection.dbapi_connection
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target, pages=4096)
+        except sqlite3.Error as exc:
+            raise self.translate_error(exc) from None
+        finally:
+            target.close()
+
+    def open_snapshot(self, path: Path) -> Engine:
+        uri = f"file:{path}?mode=ro"
+        engine = sa.create_engine(
+            "sqlite://",
+            creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+            poolclass=sa.pool.NullPool,
+        )
+        _install_transaction_fix(engine)
+        return engine
+
+    def restore_tables(self, snapshot: Path, tables: list[str], drop: list[str]) -> None:
+        """Replace tables by their snapshot versions in one transaction (definition, rows,
+        indexes, triggers, AUTOINCREMENT counter)."""
+        db = sqlite3.connect(self.path, timeout=self.lock_timeout, isolation_level=None)
+        try:
+            db.execute("ATTACH DATABASE ? AS snap", (f"file:{snapshot}?mode=ro",))
+        except sqlite3.Error:
+            db.execute("ATTACH DATABASE ? AS snap", (str(snapshot),))
+        q = self.quote
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for table in drop:
+                db.execute(f"DROP TABLE IF EXISTS main.{q(table)}")
+            has_seq = db.execute(
+                "SELECT 1 FROM snap.sqlite_master WHERE name='sqlite_sequence'"
+            ).fetchone()
+            for table in tables:
+                create = db.execute(
+                    "SELECT sql FROM snap.sqlite_master WHERE type='table' AND name=?", (table,)
+                ).fetchone()
+                db.execute(f"DROP TABLE IF EXISTS main.{q(table)}")
+                if create is None:
+                    continue
+                db.execute(create[0])
+                db.execute(f"INSERT INTO main.{q(table)} SELECT * FROM snap.{q(table)}")
+                for (sql,) in db.execute(
+                    "SELECT sql FROM snap.sqlite_master WHERE tbl_name=? AND type IN "
+                    "('index','trigger') AND sql IS NOT NULL ORDER BY type, name",
+                    (table,),
+                ).fetchall():
+                    db.execute(sql)
+                if has_seq:
+                    row = db.execute(
+                        "SELECT seq FROM snap.sqlite_sequence WHERE name=?", (table,)
+                    ).fetchone()
+                    if row is not None:
+                        db.execute("DELETE FROM main.sqlite_sequence WHERE name=?", (table,))
+                        db.execute(
+                            "INSERT INTO main.sqlite_sequence(name, seq) VALUES (?, ?)",
+                            (table, row[0]),
+                        )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise self.translate_error(exc) from None
+        finally:
+            db.close()
