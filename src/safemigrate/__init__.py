@@ -20,10 +20,9 @@ from ._exceptions import (
     UsageError,
     ValidationError,
 )
+from ._version import __version__
 from .migration import Migration
 from .steps import AddColumn, Backfill, CreateIndex, CreateTable, DropIndex, RawSQL, Step
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AbortedError",

@@ -1,0 +1,281 @@
+"""The backfill engine: keyset batches, transforms in worker processes, one writer in key order.
+
+Each batch's updates, its quarantined rows and its checkpoint commit in ONE transaction, so a
+crash at any instant resumes exactly after the last committed batch. Only a bounded window of
+batches is in flight: memory does not grow with the table.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ._exceptions import AbortedError, MigrationFileError, SafeMigrateError
+from .dialects import Dialect
+from .digest import reflect
+from .events import Event, EventBus
+from .journal import Journal
+from .journal import steps as steps_table
+from .steps import Backfill
+
+Key = tuple[Any, ...]
+# (key, new values) for rows to write; (key, original row, error) for rows to quarantine
+Outcome = tuple[list[tuple[Key, dict[str, Any]]], list[tuple[Key, dict[str, Any], str]]]
+
+_IN_PROCESS_BELOW = 3  # batches: small tables are not worth starting a pool for
+
+
+def transform_rows(step: Backfill, names: Sequence[str], n_key: int,
+                   rows: Sequence[Sequence[Any]]) -> Outcome:
+    """Run transform and validator on each row; never raise for a row, report it instead."""
+    ok: list[tuple[Key, dict[str, Any]]] = []
+    bad: list[tuple[Key, dict[str, Any], str]] = []
+    writes = set(step.writes)
+    for values in rows:
+        row = dict(zip(names, values, strict=True))
+        key = tuple(values[:n_key])
+        try:
+            new = step.transform(dict(row))  # type: ignore[misc]
+            if not isinstance(new, Mapping):
+                raise TypeError(f"transform returned {type(new).__name__}, not a dict")
+            if set(new) != writes:
+                missing, extra = writes - set(new), set(new) - writes
+                raise KeyError(f"transform must return exactly {sorted(writes)}; "
+                               f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+            if step.validate is not None and step.validate(row, new) is False:
+                raise ValueError("validate() returned False")
+        except Exception as exc:  # noqa: BLE001 - a rejected row is quarantined with its error
+            bad.append((key, row, f"{type(exc).__name__}: {exc}"))
+            continue
+        ok.append((key, dict(new)))
+    return ok, bad
+
+
+# -- worker processes -------------------------------------------------------------------------
+_worker_step: Backfill | None = None
+_worker_names: Sequence[str] = ()
+_worker_n_key = 0
+
+
+def _init_worker(migration_path: str, step_idx: int, names: Sequence[str], n_key: int) -> None:
+    from .migration import load_file
+
+    global _worker_step, _worker_names, _worker_n_key
+    migration = load_file(Path(migration_path))
+    step = migration.steps[step_idx]
+    assert isinstance(step, Backfill)
+    _worker_step, _worker_names, _worker_n_key = step, names, n_key
+
+
+def _worker_transform(rows: Sequence[Sequence[Any]]) -> Outcome:
+    assert _worker_step is not None
+    return transform_rows(_worker_step, _worker_names, _worker_n_key, rows)
+
+
+# -- the executor -----------------------------------------------------------------------------
+@dataclass
+class BackfillProgress:
+    total: int
+    done: int
+    quarantined: int
+    started: float
+    batch_seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.time() - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+
+class StopSignal:
+    """Set from a signal handler or another thread; the writer stops between batches."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class BackfillExecutor:
+    """Runs one Backfill step of one run, from its last checkpoint to the end of the table."""
+
+    def __init__(self, *, dialect: Dialect, journal: Journal, bus: EventBus, run_id: str,
+                 step_idx: int, step: Backfill, migration_path: Path | None, workers: int,
+                 batch_size: int, stop: StopSignal | None = None,
+                 between_batches: Callable[[], None] | None = None) -> None:
+        self.dialect = dialect
+        self.journal = journal
+        self.bus = bus
+        self.run_id = run_id
+        self.step_idx = step_idx
+        self.step = step
+        self.migration_path = migration_path
+        self.workers = workers
+        self.batch_size = step.batch_size or batch_size
+        self.stop = stop or StopSignal()
+        self.between_batches = between_batches
+
+    def _table(self, conn: Connection) -> sa.Table:
+        table = reflect(conn, self.step.table)
+        if not table.primary_key.columns:
+            raise MigrationFileError(
+                f"table {self.step.table} has no primary key; Backfill pages by primary key",
+                "add a primary key (or a unique NOT NULL key made primary) before backfilling",
+            )
+        missing = [c for c in (*self.step.reads, *self.step.writes) if c not in table.c]
+        if missing:
+            raise MigrationFileError(
+                f"Backfill on {self.step.table}: no column {missing[0]!r}",
+                "check reads/writes against the table (and AddColumn steps before the Backfill)",
+            )
+        return table
+
+    def run(self) -> BackfillProgress:
+        with self.dialect.engine.connect() as conn:
+            table = self._table(conn)
+            (step_row,) = [s for s in self.journal.steps(self.run_id, conn) if s["idx"] == self.step_idx]
+            total = step_row["rows_total"]
+            if total is None:
+                total = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
+        pk = list(table.primary_key.columns)
+        reads = [c for c in self.step.reads if c not in {p.name for p in pk}]
+        names = [c.name for c in pk] + reads
+        checkpoint = step_row["checkpoint"]
+        progress = BackfillProgress(total, step_row["rows_done"], step_row["rows_quarantined"],
+                                    time.time() - 1e-9)
+        progress_base = progress.done
+        now = time.time()
+        self.journal.update_step(None, self.run_id, self.step_idx, status="running",
+                                 rows_total=total, started_at=step_row["started_at"] or now)
+        self.bus.emit(Event("step.started", self.step.describe(), self.run_id,
+                            data={"step": self.step_idx, "total": total, "done": progress.done,
+                                  "resumed_from": checkpoint}))
+        started = time.time()
+        batches = self._read_batches(table, names, len(pk), checkpoint)
+        use_pool = self.workers > 1 and self.migration_path is not None and (
+            total - progress.done) > self.batch_size * _IN_PROCESS_BELOW
+        update = self._update_statement(table, pk)
+        if use_pool:
+            outcomes = self._pooled(batches, names, len(pk))
+        else:
+            outcomes = ((rows, transform_rows(self.step, names, len(pk), rows)) for rows in batches)
+        for rows, (ok, bad) in outcomes:
+            t0 = time.time()
+            self._write(update, len(pk), rows, ok, bad)
+            progress.done += len(rows)
+            progress.quarantined += len(bad)
+            progress.batch_seconds = time.time() - t0
+            elapsed = time.time() - started
+            rate = (progress.done - progress_base) / elapsed if elapsed > 0 else 0.0
+            remaining = max(progress.total - progress.done, 0)
+            self.bus.emit(Event("batch", f"{progress.done}/{progress.total} rows", self.run_id, data={
+                "step": self.step_idx, "done": progress.done, "total": progress.total,
+                "quarantined": progress.quarantined, "batch_rows": len(rows),
+                "rate": rate, "eta": remaining / rate if rate > 0 else None,
+            }))
+            if bad:
+                self.bus.emit(Event("quarantine", f"{len(bad)} rows quarantined: {bad[0][2]}",
+                                    self.run_id, level="warning",
+                                    data={"step": self.step_idx, "count": len(bad),
+                                          "example_key": list(bad[0][0]), "error": bad[0][2]}))
+            if self.between_batches is not None:
+                self.between_batches()
+            if self.stop.is_set():
+                batches.close()
+                raise AbortedError(f"stopped after a committed batch: {self.stop.reason}")
+        self.journal.update_step(None, self.run_id, self.step_idx, status="done",
+                                 finished_at=time.time())
+        self.bus.emit(Event("step.completed", self.step.describe(), self.run_id, data={
+            "step": self.step_idx, "done": progress.done, "quarantined": progress.quarantined}))
+        return progress
+
+    def _read_batches(self, table: sa.Table, names: list[str], n_key: int,
+                      checkpoint: list[Any] | None) -> Iterator[list[tuple[Any, ...]]]:
+        """Keyset pagination; each batch read in its own short read transaction."""
+        pk = [table.c[n] for n in names[:n_key]]
+        base = sa.select(*[table.c[n] for n in names]).order_by(*pk).limit(self.batch_size)
+        last = tuple(checkpoint) if checkpoint is not None else None
+        while True:
+            query = base
+            if last is not None:
+                query = query.where(pk[0] > last[0] if n_key == 1 else sa.tuple_(*pk) > sa.tuple_(*last))
+            with self.dialect.engine.connect() as conn:
+                rows = [tuple(r) for r in conn.execute(query)]
+            if not rows:
+                return
+            last = rows[-1][:n_key]
+            yield rows
+
+    def _pooled(self, batches: Iterator[list[tuple[Any, ...]]], names: list[str],
+                n_key: int) -> Iterator[tuple[list[tuple[Any, ...]], Outcome]]:
+        """Transforms in worker processes; results handed back in key order, with at most
+        2 × workers batches in flight."""
+        # fork: workers start at once and need no importable __main__; spawn elsewhere.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        window: deque[tuple[list[tuple[Any, ...]], Future[Outcome]]] = deque()
+        with ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=context, initializer=_init_worker,
+            initargs=(str(self.migration_path), self.step_idx, names, n_key),
+        ) as pool:
+            try:
+                for rows in batches:
+                    window.append((rows, pool.submit(_worker_transform, rows)))
+                    if len(window) >= self.workers * 2:
+                        head, future = window.popleft()
+                        yield head, future.result()
+                while window:
+                    head, future = window.popleft()
+                    yield head, future.result()
+            except BrokenProcessPool:
+                raise SafeMigrateError(
+                    "a transform worker process died (killed, or out of memory)",
+                    "the last committed batch is safe; `safemigrate run` resumes, "
+                    "--workers 1 runs transforms in-process",
+                ) from None
+            finally:
+                for _, future in window:
+                    future.cancel()
+
+    def _update_statement(self, table: sa.Table, pk: list[sa.Column]) -> sa.Update:
+        where = sa.and_(*[col == sa.bindparam(f"_k{i}") for i, col in enumerate(pk)])
+        values = {w: sa.bindparam(f"_w_{w}") for w in self.step.writes}
+        return sa.update(table).where(where).values(values)
+
+    def _write(self, update: sa.Update, n_key: int, rows: list[tuple[Any, ...]],
+               ok: list[tuple[Key, dict[str, Any]]], bad: list[tuple[Key, dict[str, Any], str]]) -> None:
+        params = []
+        for key, new in ok:
+            item = {f"_k{i}": v for i, v in enumerate(key)}
+            item.update({f"_w_{w}": v for w, v in new.items()})
+            params.append(item)
+        last_key = list(rows[-1][:n_key])
+        with self.dialect.engine.begin() as conn:
+            if params:
+                conn.execute(update, params)
+            if bad:
+                self.journal.quarantine_rows(conn, self.run_id, self.step_idx, self.step.table,
+                                             [(list(k), r, e) for k, r, e in bad])
+            self.journal.update_step(
+                conn, self.run_id, self.step_idx, checkpoint=last_key,
+                rows_done=steps_table.c.rows_done + len(rows),
+                rows_quarantined=steps_table.c.rows_quarantined + len(bad),
+            )
+

@@ -1,0 +1,1 @@
+"""Example applications and their migrations, used by `safemigrate demo` and the docs."""

@@ -1,0 +1,249 @@
+"""Rollback: back to exactly the state the run started from, and proof that it is.
+
+Reverse strategy: undo the steps in reverse order (backfilled columns from the shadow copy,
+added objects dropped). Restore strategy: replace the affected tables from the verified
+snapshot. Either way the current state is saved first, every step is journaled and resumable,
+and the result must equal the pre-migration schema and content digests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ._exceptions import (
+    BackupError,
+    ChecksumMismatchError,
+    IrreversibleError,
+    RollbackError,
+    UsageError,
+)
+from .backup import take_snapshot, verify_backup_record
+from .events import Event
+from .journal import runs
+from .migration import Migration
+from .shadow import drop_shadow, restore_from_shadow
+from .steps import Backfill
+from .validate import CheckResult, failed, integrity, schema_and_content
+
+if TYPE_CHECKING:
+    from .migrator import Migrator
+
+STRATEGIES = ("reverse", "restore")
+
+
+@dataclass
+class RollbackResult:
+    run_id: str
+    migration_id: str
+    strategy: str
+    status: str
+    seconds: float = 0.0
+    pre_rollback_backup: str | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["checks"] = [c.as_dict() for c in self.checks]
+        return out
+
+
+@dataclass
+class RollbackPlan:
+    run_id: str
+    migration_id: str
+    strategy: str
+    actions: list[str]
+    needs_backup: bool
+
+
+class RollbackExecutor:
+    def __init__(self, migrator: Migrator, run: dict[str, Any], migration: Migration | None,
+                 strategy: str, reason: str) -> None:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"unknown rollback strategy {strategy!r}", "use reverse or restore")
+        self.m = migrator
+        self.run = run
+        self.run_id = run["id"]
+        self.migration = migration
+        self.strategy = strategy
+        self.reason = reason
+        self.dialect = migrator.dialect
+        self.journal = migrator.journal
+
+    def emit(self, kind: str, message: str, level: str = "info", **data: Any) -> None:
+        self.m.bus.emit(Event(kind, message, self.run_id, level, data))
+
+    # -- prerequisites and plan ------------------------------------------------------------------
+    def _changed_steps(self) -> list[dict[str, Any]]:
+        """Steps that changed something, newest first: done, or a backfill that started."""
+        rows = self.journal.steps(self.run_id)
+        changed = [s for s in rows if s["status"] == "done"
+                   or (s["kind"] == "backfill" and s["status"] in ("running", "failed"))]
+        return sorted(changed, key=lambda s: s["idx"], reverse=True)
+
+    def prerequisites(self) -> RollbackPlan:
+        if self.run["status"] == "rolled_back":
+            raise UsageError(f"run {self.run_id} is already rolled back")
+        later = [r for r in self.journal.runs() if r["started_at"] > self.run["started_at"]
+                 and r["status"] in ("completed", "running", "interrupted", "failed")]
+        if later:
+            raise UsageError(
+                f"run {later[-1]['id']} ({later[-1]['migration_id']}) came after run {self.run_id}",
+                f"roll back the later run first: safemigrate rollback --run {later[-1]['id']}",
+            )
+        changed = self._changed_steps()
+        actions: list[str] = []
+        if self.strategy == "reverse" and changed:
+            if self.migration is None:
+                raise IrreversibleError(
+                    f"the file of migration {self.run['migration_id']} is gone or changed",
+                )
+            for row in changed:
+                step = self.migration.steps[row["idx"]]
+                if not step.reversible:
+                    raise IrreversibleError(f"step {row['idx']} ({step.describe()}) is irreversible")
+                if isinstance(step, Backfill):
+                    columns = row["state"].get("columns") or []
+                    actions.append(f"restore {step.table}({', '.join(columns)}) from the shadow copy"
+                                   if columns else f"nothing to restore for {step.describe()} "
+                                   "(its columns are new)")
+                else:
+                    actions.extend(step.inverse_sql(self.dialect, row["state"]))
+        elif self.strategy == "restore" and changed:
+            snapshot = self._snapshot_record()
+            baseline = self.run["baseline"]
+            actions.append(f"restore {', '.join(baseline['tables'])} from {snapshot['location']}")
+            if baseline["created"]:
+                actions.append(f"drop {', '.join(baseline['created'])}")
+        return RollbackPlan(self.run_id, self.run["migration_id"], self.strategy, actions,
+                            needs_backup=bool(changed))
+
+    def _snapshot_record(self) -> dict[str, Any]:
+        records = [b for b in self.journal.backups(self.run_id, kind="snapshot")
+                   if b["status"] == "verified"]
+        if not records:
+            raise BackupError(f"run {self.run_id} has no verified snapshot to restore from",
+                              "use --strategy reverse")
+        return records[-1]
+
+    # -- execution -------------------------------------------------------------------------------
+    def execute(self) -> RollbackResult:
+        started = time.time()
+        plan = self.prerequisites()
+        if self.strategy == "restore" and plan.needs_backup:
+            verify_backup_record(self.dialect, self._snapshot_record())
+        result = RollbackResult(self.run_id, self.run["migration_id"], self.strategy, "running")
+        self.journal.update_run(None, self.run_id, status="rolling_back")
+        self.journal.event(self.run_id, "rollback.started", f"rollback ({self.strategy}): {self.reason}",
+                           level="warning", data={"strategy": self.strategy, "reason": self.reason,
+                                                  "actions": plan.actions})
+        self.emit("rollback.started", f"rolling back run {self.run_id}: {self.reason}", "warning",
+                  strategy=self.strategy)
+        if plan.needs_backup:
+            result.pre_rollback_backup = self._pre_rollback_backup()
+            if self.strategy == "reverse":
+                self._reverse()
+            else:
+                self._restore()
+            result.checks = self._prove()
+            bad = failed(result.checks)
+            if bad:
+                summary = "; ".join(f"{r.name}: {r.details}" for r in bad)
+                self.journal.event(self.run_id, "rollback.unproven", summary, level="critical")
+                raise RollbackError(f"rollback of run {self.run_id} could not be proven: {summary}")
+        self._finish()
+        result.status = "rolled_back"
+        result.seconds = time.time() - started
+        self.emit("rollback.completed", f"run {self.run_id} rolled back ({self.strategy})",
+                  "warning", seconds=result.seconds)
+        return result
+
+    def _pre_rollback_backup(self) -> str:
+        """Invariant 5: save the current state first (once, even across a resumed rollback)."""
+        for record in self.journal.backups(self.run_id, kind="pre-rollback"):
+            if record["status"] == "verified" and Path(record["location"]).exists():
+                return record["location"]
+        snapshot = take_snapshot(self.dialect, self.journal, self.m.settings.backup_dir,
+                                 run_id=self.run_id, kind="pre-rollback",
+                                 label=f"pre-rollback-{self.run['migration_id']}")
+        self.journal.event(self.run_id, "backup.pre_rollback",
+                           f"current state saved to {snapshot.path} before rollback",
+                           data={"sha256": snapshot.sha256})
+        self.emit("backup.verified", f"pre-rollback snapshot {snapshot.path.name} verified")
+        return str(snapshot.path)
+
+    def _reverse(self) -> None:
+        assert self.migration is not None
+        for row in self._changed_steps():
+            step = self.migration.steps[row["idx"]]
+            with self.dialect.engine.begin() as conn:
+                if isinstance(step, Backfill):
+                    columns = row["state"].get("columns") or []
+                    restored = restore_from_shadow(conn, self.run_id, row["idx"], step.table, columns)
+                    detail = f"restored {restored} rows of {step.table}({', '.join(columns)})"
+                else:
+                    step.revert(conn, self.dialect, row["state"])
+                    detail = f"reverted: {step.describe()}"
+                self.journal.update_step(conn, self.run_id, row["idx"], status="reverted")
+                self.journal.event(self.run_id, "rollback.step", detail,
+                                   data={"step": row["idx"]}, conn=conn)
+            self.emit("rollback.step", detail, step=row["idx"])
+
+    def _restore(self) -> None:
+        baseline = self.run["baseline"]
+        snapshot = self._snapshot_record()
+        self.dialect.restore_tables(Path(snapshot["location"]), baseline["tables"],
+                                    baseline["created"])
+        with self.dialect.engine.begin() as conn:
+            for row in self._changed_steps():
+                self.journal.update_step(conn, self.run_id, row["idx"], status="reverted")
+            self.journal.event(self.run_id, "rollback.restore",
+                               f"restored {', '.join(baseline['tables'])} from {snapshot['location']}",
+                               conn=conn)
+        self.emit("rollback.step", f"restored {', '.join(baseline['tables'])} from the snapshot")
+
+    def _prove(self) -> list[CheckResult]:
+        results = [integrity(self.dialect)] + schema_and_content(self.dialect, self.run["baseline"])
+        for result in results:
+            self.journal.event(self.run_id, "rollback.check",
+                               f"{result.name}: {'passed' if result.passed else 'FAILED'} "
+                               f"{result.details}", level="info" if result.passed else "error",
+                               data=result.as_dict())
+        return results
+
+    def _finish(self) -> None:
+        with self.dialect.engine.begin() as conn:
+            for row in self.journal.steps(self.run_id, conn):
+                if row["kind"] == "backfill":
+                    drop_shadow(conn, self.run_id, row["idx"])
+            if self._is_applied(conn):
+                self.journal.unmark_applied(conn, self.run["migration_id"])
+            conn.execute(runs.update().where(runs.c.id == self.run_id).values(
+                status="rolled_back", finished_at=time.time(), updated_at=time.time()))
+            self.journal.event(self.run_id, "rollback.completed",
+                               f"run {self.run_id} rolled back ({self.strategy})", conn=conn)
+
+    def _is_applied(self, conn: sa.Connection) -> bool:
+        from .journal import applied
+
+        row = conn.execute(sa.select(applied.c.run_id).where(
+            applied.c.migration_id == self.run["migration_id"])).first()
+        return row is not None and row.run_id == self.run_id
+
+
+def migration_for_run(migrations: list[Migration], run: dict[str, Any]) -> Migration | None:
+    """The migration file a run executed, only if it is unchanged since."""
+    for migration in migrations:
+        if migration.id == run["migration_id"]:
+            if migration.checksum != run["checksum"]:
+                raise ChecksumMismatchError(
+                    f"migration {migration.id} was edited after run {run['id']}",
+                    "restore the file, or use `safemigrate rollback --strategy restore`",
+                )
+            return migration
+    return None

@@ -1,0 +1,296 @@
+"""The phased runner: preparation → structure → transformation → validation → cleanup.
+
+Each phase and step is journaled as it starts and ends; a run interrupted anywhere resumes from
+the journal and ends exactly where an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ._exceptions import (
+    AbortedError,
+    ChecksumMismatchError,
+    MigrationFileError,
+    NotReadyError,
+    SafeMigrateError,
+    ValidationError,
+)
+from ._version import __version__
+from .backup import Snapshot, load_manifest, take_snapshot, verify_snapshot_file
+from .digest import reflect
+from .engine import BackfillExecutor
+from .events import Event
+from .migration import PHASES, Migration
+from .shadow import create_shadow
+from .steps import Backfill
+from .validate import (
+    CheckResult,
+    backfill_rows,
+    failed,
+    integrity,
+    invariants,
+    smoke_checks,
+    untouched_columns,
+)
+
+if TYPE_CHECKING:
+    from .migrator import Migrator
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    migration_id: str
+    status: str
+    rows: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+    snapshot: str | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["checks"] = [c.as_dict() for c in self.checks]
+        return out
+
+
+class Runner:
+    """Takes one migration through the five phases, as a new run or resuming an unfinished one."""
+
+    def __init__(self, migrator: Migrator, migration: Migration) -> None:
+        self.m = migrator
+        self.migration = migration
+        self.dialect = migrator.dialect
+        self.journal = migrator.journal
+        self.settings = migrator.settings
+        self.run_id = ""
+        self.result: RunResult | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def emit(self, kind: str, message: str, level: str = "info", **data: Any) -> None:
+        self.m.bus.emit(Event(kind, message, self.run_id, level, data))
+
+    def _start_or_resume(self) -> dict[str, Any]:
+        run = self.journal.unfinished_run(self.migration.id)
+        if run is not None:
+            if run["checksum"] != self.migration.checksum:
+                raise ChecksumMismatchError(
+                    f"migration {self.migration.id} changed since its run {run['id']} started",
+                    "restore the file as it was, or `safemigrate rollback` that run first",
+                )
+            self.run_id = run["id"]
+            self.journal.update_run(None, self.run_id, status="running", error=None)
+            self.emit("run.resumed", f"resuming run {self.run_id} of {self.migration.id} "
+                      f"from phase {run['phase']}", migration=self.migration.id, phase=run["phase"])
+            return run
+        options = {"batch_size": self.settings.batch_size, "workers": self.settings.workers,
+                   "backup_dir": str(self.settings.backup_dir)}
+        with self.dialect.engine.begin() as conn:
+            self.run_id = self.journal.create_run(conn, self.migration.id, self.migration.checksum,
+                                                  options, __version__)
+            self.journal.init_steps(conn, self.run_id, [
+                {"idx": i, "kind": s.kind, "description": s.describe(),
+                 "phase": self.migration.phase_of(i)}
+                for i, s in enumerate(self.migration.steps)
+            ])
+        self.emit("run.started", f"run {self.run_id} of {self.migration.id} started",
+                  migration=self.migration.id, steps=len(self.migration.steps))
+        run = self.journal.run(self.run_id)
+        assert run is not None
+        return run
+
+    # -- the run -------------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        started = time.time()
+        run = self._start_or_resume()
+        self.m.lock_attach(self.run_id)
+        self.result = RunResult(self.run_id, self.migration.id, "running")
+        done_phases = {p["name"] for p in self.journal.phases(self.run_id) if p["status"] == "completed"}
+        current = ""
+        try:
+            for phase in PHASES:
+                if phase in done_phases:
+                    continue
+                current = phase
+                self.journal.phase(self.run_id, phase, "running")
+                self.emit("phase.started", f"phase {phase}", phase=phase)
+                getattr(self, f"_phase_{phase}")(run)
+                self.journal.phase(self.run_id, phase, "completed")
+                self.emit("phase.completed", f"phase {phase} completed", phase=phase)
+        except AbortedError as exc:
+            self.journal.phase(self.run_id, current, "interrupted", exc.message)
+            self.journal.update_run(None, self.run_id, status="interrupted", error=exc.message)
+            self.emit("run.interrupted", exc.message, "warning", phase=current)
+            raise
+        except ValidationError:
+            raise
+        except SafeMigrateError as exc:
+            self._fail(current, exc.message)
+            raise
+        except sa.exc.DBAPIError as exc:
+            error = self.dialect.translate_error(exc)
+            self._fail(current, error.message)
+            raise error from None
+        steps = self.journal.steps(self.run_id)
+        self.result.status = "completed"
+        self.result.rows = sum(s["rows_done"] for s in steps)
+        self.result.quarantined = sum(s["rows_quarantined"] for s in steps)
+        self.result.seconds = time.time() - started
+        self.emit("run.completed", f"{self.migration.id} completed: {self.result.rows} rows, "
+                  f"{self.result.quarantined} quarantined", rows=self.result.rows,
+                  quarantined=self.result.quarantined, seconds=self.result.seconds)
+        return self.result
+
+    def _fail(self, phase: str, message: str) -> None:
+        if phase:
+            self.journal.phase(self.run_id, phase, "failed", message)
+        self.journal.update_run(None, self.run_id, status="failed", error=message)
+        self.emit("run.failed", message, "error", phase=phase)
+
+    # -- phases --------------------------------------------------------------------------------
+    def _phase_preparation(self, run: dict[str, Any]) -> None:
+        with self.dialect.engine.connect() as conn:
+            existing = set(self.dialect.user_tables(conn))
+        created = self.migration.created_tables()
+        clash = sorted(created & existing)
+        if clash:
+            raise MigrationFileError(f"table {clash[0]} already exists; the migration creates it")
+        missing = sorted(self.migration.tables() - created - existing)
+        if missing:
+            raise MigrationFileError(f"table {missing[0]} does not exist",
+                                     "check the table names in the migration")
+        self._run_own_checks()
+        snapshot = self._snapshot()
+        affected = sorted(self.migration.tables() - created)
+        with self.dialect.engine.connect() as conn:
+            schema = self.dialect.schema_fingerprint(conn, sorted(affected + sorted(created)))
+        baseline = {"tables": affected, "created": sorted(created), "schema": schema,
+                    "digests": {t: snapshot.digests[t] for t in affected},
+                    "snapshot_id": snapshot.id}
+        self.journal.update_run(None, self.run_id, baseline=baseline)
+        for idx, step in enumerate(self.migration.steps):
+            if not isinstance(step, Backfill) or step.table in created:
+                continue
+            with self.dialect.engine.begin() as conn:
+                columns = [c for c in step.writes if c in reflect(conn, step.table).c]
+                name = create_shadow(conn, self.run_id, idx, step.table, columns) if columns else None
+                self.journal.update_step(conn, self.run_id, idx,
+                                         state={"shadow": name, "columns": columns})
+            if name:
+                self.journal.event(self.run_id, "backup.shadow",
+                                   f"shadow copy of {step.table}({', '.join(columns)}) in {name}")
+
+    def _run_own_checks(self) -> None:
+        problems = []
+        with self.dialect.engine.connect() as conn:
+            issues = self.dialect.integrity_check(conn)
+            if issues:
+                problems.append(f"integrity check: {issues[0]}")
+            for check in self.migration.checks:
+                try:
+                    if check(conn) is False:
+                        problems.append(f"{check.__name__} returned False")
+                except Exception as exc:  # noqa: BLE001 - a failing check is a verdict
+                    problems.append(f"{check.__name__}: {exc}")
+        if problems:
+            raise NotReadyError(f"{self.migration.id} is not ready: {'; '.join(problems)}")
+
+    def _snapshot(self) -> Snapshot:
+        """The verified snapshot of this run: taken now, or reused (and re-checked) on resume."""
+        for record in self.journal.backups(self.run_id, kind="snapshot"):
+            if record["status"] != "verified":
+                continue
+            path = Path(record["location"])
+            manifest = load_manifest(path)
+            verify_snapshot_file(self.dialect, path, record["sha256"], None)
+            return Snapshot(record["id"], path, record["sha256"], record["size"],
+                            manifest["tables"], path.with_suffix(".json"))
+        self.emit("backup.started", "taking a verified snapshot before any change")
+        snapshot = take_snapshot(self.dialect, self.journal, self.settings.backup_dir,
+                                 run_id=self.run_id, kind="snapshot",
+                                 label=self.migration.id)
+        self.emit("backup.verified", f"snapshot {snapshot.path.name} verified "
+                  f"({snapshot.size / 1e6:.1f} MB, sha256 {snapshot.sha256[:12]})",
+                  path=str(snapshot.path), size=snapshot.size, sha256=snapshot.sha256)
+        self.journal.event(self.run_id, "backup.verified", f"snapshot {snapshot.path} verified",
+                           data={"sha256": snapshot.sha256, "size": snapshot.size})
+        if self.result is not None:
+            self.result.snapshot = str(snapshot.path)
+        return snapshot
+
+    def _apply_steps(self, phase: str) -> None:
+        step_rows = {s["idx"]: s for s in self.journal.steps(self.run_id)}
+        for idx, step in enumerate(self.migration.steps):
+            if self.migration.phase_of(idx) != phase or step_rows[idx]["status"] == "done":
+                continue
+            if isinstance(step, Backfill):
+                BackfillExecutor(
+                    dialect=self.dialect, journal=self.journal, bus=self.m.bus,
+                    run_id=self.run_id, step_idx=idx, step=step,
+                    migration_path=self.migration.path, workers=self.settings.workers,
+                    batch_size=self.settings.batch_size, stop=self.m.stop,
+                    between_batches=self.m.between_batches,
+                ).run()
+                continue
+            self.emit("step.started", step.describe(), step=idx)
+            with self.dialect.engine.begin() as conn:
+                state = step.apply(conn, self.dialect)
+                self.journal.update_step(conn, self.run_id, idx, status="done", state=state,
+                                         started_at=time.time(), finished_at=time.time())
+                self.journal.event(self.run_id, "step.applied", step.describe(),
+                                   data={"step": idx, "sql": step.sql(self.dialect)}, conn=conn)
+            self.emit("step.completed", step.describe(), step=idx)
+            if self.m.stop.is_set():
+                raise AbortedError(f"stopped after step {idx}: {self.m.stop.reason}")
+
+    def _phase_structure(self, run: dict[str, Any]) -> None:
+        self._apply_steps("structure")
+
+    def _phase_transformation(self, run: dict[str, Any]) -> None:
+        self._apply_steps("transformation")
+
+    def _phase_validation(self, run: dict[str, Any]) -> None:
+        run = self.journal.run(self.run_id) or run
+        baseline = run["baseline"]
+        results = [integrity(self.dialect), untouched_columns(self.dialect, self.migration, baseline)]
+        step_rows = {s["idx"]: s for s in self.journal.steps(self.run_id)}
+        for idx, step in enumerate(self.migration.steps):
+            if isinstance(step, Backfill):
+                existing = step_rows[idx]["state"].get("columns", [])
+                results.append(backfill_rows(self.dialect, self.journal, self.run_id, idx, step,
+                                             existing, self.settings.batch_size))
+        results += invariants(self.dialect, self.migration)
+        results += smoke_checks(self.dialect, self.migration)
+        assert self.result is not None
+        self.result.checks = results
+        for result in results:
+            self.journal.event(self.run_id, "validation.check",
+                               f"{result.name}: {'passed' if result.passed else 'FAILED'} "
+                               f"{result.details}", level="info" if result.passed else "error",
+                               data=result.as_dict())
+        bad = failed(results)
+        if not bad:
+            return
+        summary = "; ".join(f"{r.name}: {r.details}" for r in bad)
+        self.journal.phase(self.run_id, "validation", "failed", summary)
+        self.emit("validation.failed", f"validation failed: {summary}", "error",
+                  failures=[r.as_dict() for r in bad])
+        if not self.settings.auto_rollback:
+            self.journal.update_run(None, self.run_id, status="failed", error=summary)
+            raise SafeMigrateError(f"validation failed: {summary}",
+                                   "auto_rollback is off: fix and re-run, or `safemigrate rollback`")
+        self.m.rollback_run(self.run_id, reason=f"validation failed: {summary}", locked=True)
+        raise ValidationError(f"validation failed and the run was rolled back: {summary}")
+
+    def _phase_cleanup(self, run: dict[str, Any]) -> None:
+        self._apply_steps("cleanup")
+        self.m.dialect_analyze(sorted(self.migration.tables()))
+        with self.dialect.engine.begin() as conn:
+            self.journal.mark_applied(conn, self.migration.id, self.migration.checksum, self.run_id)
+            self.journal.update_run(conn, self.run_id, status="completed", finished_at=time.time())
