@@ -69,6 +69,11 @@ class Migrator:
         self._journal_ready = False
 
     @property
+    def journal_ready(self) -> bool:
+        """Whether the database has a journal (read-only commands never create one)."""
+        return self._journal_ready
+
+    @property
     def display_url(self) -> str:
         return redact(self.url)
 

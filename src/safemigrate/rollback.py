@@ -185,7 +185,9 @@ class RollbackExecutor:
                 if isinstance(step, Backfill):
                     columns = row["state"].get("columns") or []
                     restored = restore_from_shadow(conn, self.run_id, row["idx"], step.table, columns)
-                    detail = f"restored {restored} rows of {step.table}({', '.join(columns)})"
+                    detail = (f"restored {restored} rows of {step.table}({', '.join(columns)})"
+                              if columns else f"{step.describe()}: its columns are new, "
+                              "dropped with them")
                 else:
                     step.revert(conn, self.dialect, row["state"])
                     detail = f"reverted: {step.describe()}"

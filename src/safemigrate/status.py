@@ -35,7 +35,7 @@ def build_status(migrator: Migrator) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - status reports a broken folder, it does not fail
         out["pending_error"] = str(exc)
     journal = migrator.journal
-    if not migrator._journal_ready:
+    if not migrator.journal_ready:
         return out
     out["applied"] = sorted(journal.applied())
     holder = current_holder(journal)

@@ -22,7 +22,9 @@ _SCHEME_ALIASES = {
 def normalize_url(raw: str) -> URL:
     """Accept a SQLAlchemy URL, a `postgres://`-style URL, or a plain SQLite file path."""
     if not raw or not raw.strip():
-        raise ConfigError("no database given", "pass --db URL, set SAFEMIGRATE_DB, or add db= to safemigrate.toml")
+        raise ConfigError(
+            "no database given", "pass --db URL, set SAFEMIGRATE_DB, or add db= to safemigrate.toml"
+        )
     raw = raw.strip()
     if "://" not in raw:
         return URL.create("sqlite", database=str(Path(raw).expanduser().resolve()))

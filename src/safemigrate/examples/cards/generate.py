@@ -22,9 +22,35 @@ from .schema import create_indexes, create_tables
 
 CHUNK = 10_000
 
-VOCABULARY = list(dict.fromkeys(["the", "a", "of", "to", "and", "in", "is", "what", "which", "who", "when", "where", "why", "how", "does", "do", "define", "explain", "name", "list", "cell", "membrane", "nucleus", "protein", "enzyme", "gene", "chromosome", "mitosis", "meiosis", "photosynthesis", "respiration", "osmosis", "diffusion", "molecule", "atom", "electron", "proton", "neutron", "isotope", "ion", "bond", "acid", "base", "salt", "oxygen", "carbon", "hydrogen", "nitrogen", "energy", "force", "mass", "velocity", "acceleration", "momentum", "gravity", "friction", "wave", "frequency", "light", "sound", "heat", "temperature", "pressure", "volume", "density", "circuit", "voltage", "current", "resistance", "magnet", "field", "planet", "star", "galaxy", "orbit", "moon", "comet", "telescope", "river", "mountain", "ocean", "desert", "forest", "climate", "weather", "volcano", "earthquake", "continent", "island", "capital", "country", "city", "empire", "king", "queen", "war", "treaty", "revolution", "republic", "democracy", "parliament", "constitution", "law", "trade", "market", "price", "money", "bank", "tax", "economy", "supply", "demand", "verb", "noun", "adjective", "adverb", "pronoun", "tense", "past", "present", "future", "plural", "singular", "subject", "object", "clause", "sentence", "paragraph", "essay", "poem", "novel", "author", "character", "theme", "metaphor", "rhyme", "chapter", "word", "meaning", "translate", "spelling", "grammar", "pronunciation", "accent", "vocabulary", "number", "fraction", "decimal", "percent", "ratio", "equation", "variable", "function", "graph", "slope", "angle", "triangle", "circle", "square", "area", "perimeter", "radius", "diameter", "theorem", "proof", "prime", "integer", "matrix", "vector", "derivative", "integral", "limit", "probability", "statistics", "mean", "median", "algorithm", "array", "loop", "variable", "pointer", "compiler", "memory", "network", "protocol", "database", "query", "index", "table", "column", "row", "key", "value", "cache", "thread", "process", "kernel", "file", "bit", "byte", "first", "second", "third", "main", "largest", "smallest", "important", "common", "example", "difference", "between", "causes", "effects", "process", "structure", "role", "purpose", "result", "type", "part", "café", "naïve", "résumé", "façade", "über", "straße", "学习", "记忆", "单词", "复习", "カード", "日本語", "смысл", "слово"]))
+_VOCABULARY_TEXT = """
+the a of to and in is what which who when where why how does do define explain name list cell
+membrane nucleus protein enzyme gene chromosome mitosis meiosis photosynthesis respiration
+osmosis diffusion molecule atom electron proton neutron isotope ion bond acid base salt oxygen
+carbon hydrogen nitrogen energy force mass velocity acceleration momentum gravity friction wave
+frequency light sound heat temperature pressure volume density circuit voltage current
+resistance magnet field planet star galaxy orbit moon comet telescope river mountain ocean
+desert forest climate weather volcano earthquake continent island capital country city empire
+king queen war treaty revolution republic democracy parliament constitution law trade market
+price money bank tax economy supply demand verb noun adjective adverb pronoun tense past present
+future plural singular subject object clause sentence paragraph essay poem novel author
+character theme metaphor rhyme chapter word meaning translate spelling grammar pronunciation
+accent vocabulary number fraction decimal percent ratio equation variable function graph slope
+angle triangle circle square area perimeter radius diameter theorem proof prime integer matrix
+vector derivative integral limit probability statistics mean median algorithm array loop
+variable pointer compiler memory network protocol database query index table column row key
+value cache thread process kernel file bit byte first second third main largest smallest
+important common example difference between causes effects process structure role purpose result
+type part café naïve résumé façade über straße 学习 记忆 单词 复习 カード 日本語 смысл слово
+"""
+VOCABULARY = list(dict.fromkeys(_VOCABULARY_TEXT.split()))
 
-TAGS = ["biology", "chemistry", "physics", "geography", "history", "economics", "grammar", "vocabulary", "literature", "math", "algebra", "geometry", "calculus", "statistics", "programming", "databases", "networks", "exam-prep", "chapter-1", "chapter-2", "chapter-3", "chapter-4", "review", "hard", "easy", "important", "formula", "definition", "date", "person", "place", "language", "french", "spanish", "german", "japanese", "chinese", "medicine", "anatomy", "law", "music", "art"]
+_TAGS_TEXT = """
+biology chemistry physics geography history economics grammar vocabulary literature math algebra
+geometry calculus statistics programming databases networks exam-prep chapter-1 chapter-2
+chapter-3 chapter-4 review hard easy important formula definition date person place language
+french spanish german japanese chinese medicine anatomy law music art
+"""
+TAGS = _TAGS_TEXT.split()
 
 STYLE_TYPES = ["basic"] * 12 + ["cloze"] * 4 + ["image"] * 2 + ["reversed", "typing"]
 COLORS = ['"#ffffff"', '"#fef3c7"', '"#dbeafe"', '"#dcfce7"', '"#fce7f3"', "null"]

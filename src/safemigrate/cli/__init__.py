@@ -1,0 +1,419 @@
+"""The command line: thin commands over `safemigrate.Migrator`.
+
+Exit codes: 0 success; 1 failed (state in the journal); 2 usage or configuration error;
+3 the run was rolled back automatically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .._exceptions import SafeMigrateError, UsageError
+from .._version import __version__
+from ..events import EventBus
+from ..migration import FILE_PATTERN
+from ..migrator import Migrator
+from ..settings import CONFIG_FILE, Settings, load_settings
+from ..validate import failed
+from . import templates
+from .render import ConsoleRenderer, JsonLines, checks_table, fmt_bytes, fmt_seconds, fmt_time
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(exc: SafeMigrateError) -> None:
+    err.print(exc.one_line(), style="bold red", markup=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Every known error becomes one line with a hint and its exit code; data stays as it was."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SafeMigrateError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("error: interrupted (hint: committed batches are safe; "
+                      "`safemigrate run` resumes)", style="bold red")
+            sys.exit(1)
+
+    return wrapper
+
+
+def common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--db, --migrations, --backup-dir and --yes, accepted by every command."""
+    func = click.option("--yes", "-y", is_flag=True, help="Answer yes to any confirmation.")(func)
+    func = click.option("--backup-dir", type=click.Path(path_type=Path), default=None,
+                        help="Where snapshots go (default .safemigrate/backups).")(func)
+    func = click.option("--migrations", "-m", type=click.Path(path_type=Path), default=None,
+                        help="Migrations folder (default ./migrations).")(func)
+    func = click.option("--db", "-d", default=None, envvar=None,
+                        help="Database URL or SQLite file (or SAFEMIGRATE_DB, safemigrate.toml).")(func)
+    return func
+
+
+def settings_from(db: str | None, migrations: Path | None, backup_dir: Path | None,
+                  **extra: Any) -> Settings:
+    return load_settings(Path.cwd(), db=db, migrations=migrations, backup_dir=backup_dir, **extra)
+
+
+def migrator_from(settings: Settings, bus: EventBus | None = None) -> Migrator:
+    if not settings.db:
+        raise UsageError("no database given",
+                         "pass --db URL, set SAFEMIGRATE_DB, or put db = \"...\" in safemigrate.toml")
+    return Migrator(settings, bus)
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask only on a terminal; --yes (or no terminal) answers yes."""
+    if yes or not sys.stdin.isatty():
+        return
+    if not click.confirm(question, default=False):
+        raise UsageError("cancelled", "pass --yes to confirm without a prompt")
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="safemigrate")
+def main() -> None:
+    """Data migrations on live SQL databases that never lose a row."""
+
+
+# -- init / new ---------------------------------------------------------------------------------
+@main.command()
+@common
+@handle_errors
+def init(db: str | None, migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
+    """Create a migrations folder and safemigrate.toml."""
+    folder = migrations or Path("migrations")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Path(CONFIG_FILE)
+    if config.exists():
+        out.print(f"{config} exists; left as it is")
+    else:
+        db_line = f'db = "{db}"' if db else '# db = "sqlite:///app.db"   # or postgresql://…, mysql://…'
+        config.write_text(templates.CONFIG.format(db_line=db_line, migrations=folder))
+        out.print(f"wrote {config}")
+    out.print(f"migrations folder: {folder}/ — next: safemigrate new add_search_fields")
+
+
+@main.command()
+@click.argument("name")
+@common
+@handle_errors
+def new(name: str, db: str | None, migrations: Path | None, backup_dir: Path | None,
+        yes: bool) -> None:
+    """Create a new migration file from a template."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not slug:
+        raise UsageError(f"migration name {name!r} has no letters or digits",
+                         "use a name like add_search_fields")
+    folder = migrations or settings_from(None, None, None).migrations
+    if not folder.is_dir():
+        raise UsageError(f"migrations folder {folder} does not exist", "run `safemigrate init`")
+    numbers = [int(m.group(1)) for p in folder.glob("*.py") if (m := FILE_PATTERN.match(p.name))]
+    migration_id = f"{max(numbers, default=0) + 1:04d}_{slug}"
+    path = folder / f"{migration_id}.py"
+    path.write_text(templates.MIGRATION.format(id=migration_id, title=name.replace("_", " ")))
+    out.print(f"wrote {path}")
+
+
+# -- check / plan -------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common
+@handle_errors
+def check(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
+          yes: bool) -> None:
+    """Run the pre-migration checks; exit 1 when not ready."""
+    from ..checks import run_checks
+
+    with migrator_from(settings_from(db, migrations, backup_dir)) as m:
+        results = run_checks(m)
+    ready = not failed(results)
+    if as_json:
+        print_json({"ready": ready, "checks": [r.as_dict() for r in results]})
+    else:
+        out.print(checks_table(f"pre-migration checks: {m.display_url}",
+                               [r.as_dict() for r in results]))
+        out.print("[bold green]ready[/]" if ready else "[bold red]NOT READY[/]")
+    sys.exit(0 if ready else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@common
+@handle_errors
+def plan(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
+         yes: bool) -> None:
+    """Dry run: what would happen, with row counts, disk needed and irreversible steps."""
+    with migrator_from(settings_from(db, migrations, backup_dir)) as m:
+        planned = m.plan()
+    if as_json:
+        print_json([{**p.__dict__, "steps": [s.__dict__ for s in p.steps],
+                     "irreversible": [s.index for s in p.irreversible]} for p in planned])
+        return
+    if not planned:
+        out.print("nothing to do: every migration is applied")
+        return
+    for p in planned:
+        resume = f" (resumes run {p.resumes_run})" if p.resumes_run else ""
+        out.print(f"[bold]{p.id}[/] {p.description}{resume}")
+        table = Table(show_header=True, header_style="bold")
+        for col in ("#", "phase", "step", "rows", "reversible", "SQL"):
+            table.add_column(col, overflow="fold")
+        for s in p.steps:
+            table.add_row(str(s.index), s.phase, s.description,
+                          "-" if s.rows is None else f"{s.rows:,}",
+                          "yes" if s.reversible else "[bold red]NO[/]", "\n".join(s.sql))
+        out.print(table)
+        out.print(f"  disk needed for the snapshot and shadow copy: ~{fmt_bytes(p.disk_needed)}")
+        if p.irreversible:
+            out.print(f"  [bold red]irreversible steps:[/] {', '.join(str(s.index) for s in p.irreversible)}"
+                      " — rollback needs --strategy restore")
+
+
+# -- run ------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line instead of a display.")
+@click.option("--workers", type=int, default=None, help="Transform processes (default: CPU count).")
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (default 2000).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@common
+@handle_errors
+def run(as_json: bool, workers: int | None, batch_size: int | None, dry_run: bool, db: str | None,
+        migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
+    """Apply pending migrations through all phases; resume an interrupted run."""
+    if dry_run:
+        click.get_current_context().invoke(plan, as_json=as_json, db=db, migrations=migrations,
+                                           backup_dir=backup_dir, yes=yes)
+        return
+    settings = settings_from(db, migrations, backup_dir, workers=workers, batch_size=batch_size)
+    bus = EventBus()
+    renderer = JsonLines() if as_json else ConsoleRenderer(out)
+    bus.subscribe(renderer)
+    with migrator_from(settings, bus) as m:
+        _install_stop_handlers(m)
+        try:
+            results = m.run()
+        finally:
+            if isinstance(renderer, ConsoleRenderer):
+                renderer.close()
+    if as_json:
+        click.echo(json.dumps({"kind": "result", "runs": [r.as_dict() for r in results]},
+                              default=str))
+        return
+    if not results:
+        out.print("nothing to do: every migration is applied")
+    for r in results:
+        out.print(f"[bold green]✔ {r.migration_id}[/] run {r.run_id}: {r.rows:,} rows in "
+                  f"{fmt_seconds(r.seconds)}, {r.quarantined:,} quarantined")
+        if r.quarantined:
+            out.print("  quarantined rows are listed by `safemigrate status`; they were left unchanged")
+
+
+def _install_stop_handlers(m: Migrator) -> None:
+    """First SIGINT/SIGTERM: finish the batch, checkpoint, exit (resumable). Second: abort now."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if m.stop.is_set():
+            raise KeyboardInterrupt
+        m.stop.set(f"{signal.Signals(signum).name} received")
+        err.print("stopping after the current batch (again to abort now)", style="yellow")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- status / history -----------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
+@common
+@handle_errors
+def status(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
+           yes: bool) -> None:
+    """The current or last run: phase, progress, rate, ETA, errors, quarantine."""
+    with migrator_from(settings_from(db, migrations, backup_dir)) as m:
+        info = m.status()
+    if as_json:
+        print_json(info)
+        return
+    out.print(f"database: {info['database']}")
+    out.print(f"pending: {', '.join(info['pending']) or 'none'}")
+    if info.get("pending_error"):
+        out.print(f"[red]migrations folder: {info['pending_error']}[/]")
+    run_info = info.get("run")
+    if not run_info:
+        out.print("no runs yet")
+        return
+    style = {"completed": "green", "rolled_back": "yellow", "running": "cyan"}.get(
+        run_info["status"], "bold red")
+    out.print(f"last run: {run_info['id']} {run_info['migration_id']} "
+              f"[{style}]{run_info['status']}[/] (phase {run_info['phase']}, "
+              f"elapsed {fmt_seconds(run_info['elapsed'])}, started {fmt_time(run_info['started_at'])})")
+    table = Table()
+    for col in ("#", "phase", "step", "status", "rows", "%", "rows/s", "ETA", "quarantined"):
+        table.add_column(col)
+    for s in run_info["steps"]:
+        rows = f"{s['rows_done']:,}/{s['rows_total']:,}" if s["rows_total"] is not None else "-"
+        table.add_row(str(s["index"]), s["phase"], s["description"], s["status"], rows,
+                      f"{s['percent']:.0f}", f"{s['rate']:,.0f}" if s["rate"] else "-",
+                      fmt_seconds(s["eta_seconds"]), str(s["rows_quarantined"]))
+    out.print(table)
+    if run_info["quarantined"]:
+        out.print(f"[yellow]{run_info['quarantined']:,} rows quarantined[/], e.g.:")
+        for q in run_info["quarantine_examples"]:
+            out.print(f"  key {q['pk']}: {q['error']}")
+    if run_info["error"]:
+        out.print(f"[bold red]error:[/] {run_info['error']}")
+    for e in run_info["errors"]:
+        out.print(f"[red]{fmt_time(e['ts'])} {e['kind']}: {e['message']}[/]")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print history as JSON.")
+@click.option("--limit", type=int, default=20, show_default=True, help="Runs to show.")
+@click.option("--events/--no-events", default=True, help="Show each run's events.")
+@common
+@handle_errors
+def history(as_json: bool, limit: int, events: bool, db: str | None, migrations: Path | None,
+            backup_dir: Path | None, yes: bool) -> None:
+    """Runs and their events (the audit trail)."""
+    with migrator_from(settings_from(db, migrations, backup_dir)) as m:
+        runs = m.history(limit)
+    if as_json:
+        print_json(runs)
+        return
+    if not runs:
+        out.print("no runs yet")
+    for r in runs:
+        out.print(f"[bold]{r['id']}[/] {r['migration_id']} {r['status']} "
+                  f"started {fmt_time(r['started_at'])} finished {fmt_time(r['finished_at'])}")
+        if events:
+            for e in r["events"]:
+                style = {"warning": "yellow", "error": "red", "critical": "bold red"}.get(e["level"], "")
+                out.print(f"  {fmt_time(e['ts'])} {e['kind']:<20} {e['message']}", style=style,
+                          markup=False)
+
+
+# -- rollback / verify -----------------------------------------------------------------------------
+@main.command()
+@click.option("--run", "run_id", default=None, help="Run to roll back (default: the last one).")
+@click.option("--strategy", type=click.Choice(["reverse", "restore"]), default="reverse",
+              show_default=True, help="Undo the steps, or restore the tables from the snapshot.")
+@click.option("--reason", default="requested by operator", help="Why (journaled).")
+@click.option("--dry-run", is_flag=True, help="Print the rollback plan and change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common
+@handle_errors
+def rollback(run_id: str | None, strategy: str, reason: str, dry_run: bool, as_json: bool,
+             db: str | None, migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
+    """Roll back the last (or a given) run to exactly the state it started from."""
+    bus = EventBus()
+    renderer = JsonLines() if as_json else ConsoleRenderer(out)
+    with migrator_from(settings_from(db, migrations, backup_dir), bus) as m:
+        plan_ = m.rollback_plan(run_id, strategy)
+        if dry_run or not as_json:
+            out.print(f"rollback of run {plan_.run_id} ({plan_.migration_id}), strategy {strategy}:")
+            for action in plan_.actions or ["nothing was changed; the run is only marked rolled back"]:
+                out.print(f"  • {action}", markup=False)
+        if dry_run:
+            return
+        confirm(f"Roll back run {plan_.run_id}?", yes)
+        bus.subscribe(renderer)
+        result = m.rollback(plan_.run_id, strategy, reason)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), default=str))
+        return
+    out.print(checks_table("rollback proof", [c.as_dict() for c in result.checks]))
+    out.print(f"[bold yellow]run {result.run_id} rolled back[/] in {fmt_seconds(result.seconds)}; "
+              f"state before rollback saved in {result.pre_rollback_backup or '-'}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common
+@handle_errors
+def verify(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
+           yes: bool) -> None:
+    """Integrity and consistency checks plus the migrations' smoke checks."""
+    with migrator_from(settings_from(db, migrations, backup_dir)) as m:
+        results = m.verify()
+    ok = not failed(results)
+    if as_json:
+        print_json({"ok": ok, "checks": [r.as_dict() for r in results]})
+    else:
+        out.print(checks_table("verify", [r.as_dict() for r in results]))
+    sys.exit(0 if ok else 1)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--rows", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--bad-rate", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Fraction of malformed cards (they get quarantined).")
+@click.option("--workers", type=int, default=None, help="Transform processes.")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Keep the demo files in this folder instead of a temporary one.")
+@click.option("--no-rollback", is_flag=True, help="Stop after the migration.")
+@handle_errors
+def demo(rows: int, bad_rate: float, workers: int | None, keep: Path | None,
+         no_rollback: bool) -> None:
+    """Build a sample flashcard database and migrate it v2 → v3, end to end."""
+    from ..demo import run_demo
+
+    bus = EventBus()
+    renderer = ConsoleRenderer(out)
+    bus.subscribe(renderer)
+    out.print(f"[bold]safemigrate demo[/]: {rows:,} flashcards, {bad_rate:.1%} malformed")
+    with tempfile.TemporaryDirectory(prefix="safemigrate-demo-") as tmp:
+        workdir = keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if (workdir / "cards.db").exists():
+            raise UsageError(f"{workdir / 'cards.db'} exists", "pass an empty folder to --keep")
+        try:
+            summary = run_demo(workdir, rows=rows, bad_rate=bad_rate, workers=workers, bus=bus,
+                               rollback=not no_rollback)
+        finally:
+            renderer.close()
+    table = Table(title="demo summary", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("cards generated", f"{summary.rows:,} ({summary.bad_rows:,} malformed)")
+    table.add_row("migrated", f"{summary.migrated:,}")
+    table.add_row("quarantined", f"{summary.quarantined:,} (left unchanged, listed in the journal)")
+    rate = summary.rows / summary.run_seconds if summary.run_seconds else 0
+    table.add_row("safe run (backup, transform, validate)",
+                  f"{summary.run_seconds:.1f}s ({rate:,.0f} rows/s overall)")
+    table.add_row("verified snapshot", fmt_bytes(summary.snapshot_bytes))
+    for c in summary.validation:
+        table.add_row(f"validation: {c['name']}", ("passed: " if c["passed"] else "FAILED: ")
+                      + c["details"])
+    bad_verify = [c for c in summary.verify if not c["passed"]]
+    table.add_row("verify", "all passed" if not bad_verify else f"{len(bad_verify)} FAILED")
+    if not no_rollback:
+        table.add_row("rollback", f"{summary.rollback_seconds:.1f}s, content identical to v2: "
+                      f"{'yes' if summary.restored_identical else 'NO'}")
+    table.add_row("files", str(keep) if keep else "temporary (removed)")
+    out.print(table)
+    if bad_verify or (not no_rollback and not summary.restored_identical):
+        sys.exit(1)
