@@ -101,14 +101,10 @@ def take_snapshot(dialect: Dialect, journal: Journal, directory: Path, *, run_id
     try:
         with dialect.engine.connect() as conn:
             check_free_space(directory, int(dialect.size_bytes(conn) * _DISK_MARGIN))
-            conn.rollback()
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-            # One read transaction: the copy and the source digests see the same data.
-            with conn.execution_options(sqlite_begin="DEFERRED").begin():
-                names = tables if tables is not None else dialect.user_tables(conn)
-                dialect.snapshot(conn, temp)
-                source_digests = database_digest(conn, names)
+            names = tables if tables is not None else dialect.user_tables(conn)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        source_digests = dialect.snapshot(temp, names)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, final)
@@ -161,9 +157,8 @@ def verify_snapshot_file(dialect: Dialect, path: Path, sha256: str,
             f"snapshot {path.name} is corrupted: sha256 {actual[:12]} != recorded {sha256[:12]}",
             "do not use this snapshot; take a new backup or use another layer",
         )
-    engine = dialect.open_snapshot(path)
     try:
-        with engine.connect() as conn:
+        with dialect.snapshot_reader(path) as conn:
             problems = dialect.integrity_check(conn)
             if problems:
                 raise BackupError(f"snapshot {path.name} fails the integrity check: {problems[0]}")
@@ -179,8 +174,6 @@ def verify_snapshot_file(dialect: Dialect, path: Path, sha256: str,
         raise
     except Exception as exc:
         raise BackupError(f"snapshot {path.name} cannot be read: {exc}") from None
-    finally:
-        engine.dispose()
 
 
 def load_manifest(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ._exceptions import (
     UsageError,
 )
 from .backup import take_snapshot, verify_backup_record
+from .ddl import run_schema_step
 from .events import Event
 from .journal import runs
 from .migration import Migration
@@ -82,7 +83,7 @@ class RollbackExecutor:
     def _changed_steps(self) -> list[dict[str, Any]]:
         """Steps that changed something, newest first: done, or a backfill that started."""
         rows = self.journal.steps(self.run_id)
-        changed = [s for s in rows if s["status"] == "done"
+        changed = [s for s in rows if s["status"] in ("done", "applying", "reverting")
                    or (s["kind"] == "backfill" and s["status"] in ("running", "failed"))]
         return sorted(changed, key=lambda s: s["idx"], reverse=True)
 
@@ -181,16 +182,17 @@ class RollbackExecutor:
         assert self.migration is not None
         for row in self._changed_steps():
             step = self.migration.steps[row["idx"]]
+            if not isinstance(step, Backfill):
+                detail = run_schema_step(self.dialect, self.journal, self.run_id, row["idx"], step,
+                                         row, revert=True)
+                self.emit("rollback.step", detail, step=row["idx"])
+                continue
             with self.dialect.engine.begin() as conn:
-                if isinstance(step, Backfill):
-                    columns = row["state"].get("columns") or []
-                    restored = restore_from_shadow(conn, self.run_id, row["idx"], step.table, columns)
-                    detail = (f"restored {restored} rows of {step.table}({', '.join(columns)})"
-                              if columns else f"{step.describe()}: its columns are new, "
-                              "dropped with them")
-                else:
-                    step.revert(conn, self.dialect, row["state"])
-                    detail = f"reverted: {step.describe()}"
+                columns = row["state"].get("columns") or []
+                restored = restore_from_shadow(conn, self.run_id, row["idx"], step.table, columns)
+                detail = (f"restored {restored} rows of {step.table}({', '.join(columns)})"
+                          if columns else f"{step.describe()}: its columns are new, "
+                          "dropped with them")
                 self.journal.update_step(conn, self.run_id, row["idx"], status="reverted")
                 self.journal.event(self.run_id, "rollback.step", detail,
                                    data={"step": row["idx"]}, conn=conn)

@@ -23,6 +23,7 @@ from ._exceptions import (
 )
 from ._version import __version__
 from .backup import Snapshot, load_manifest, take_snapshot, verify_snapshot_file
+from .ddl import run_schema_step
 from .digest import reflect
 from .engine import BackfillExecutor
 from .events import Event
@@ -166,8 +167,8 @@ class Runner:
             raise MigrationFileError(f"table {missing[0]} does not exist",
                                      "check the table names in the migration")
         self._run_own_checks()
-        snapshot = self._snapshot()
         affected = sorted(self.migration.tables() - created)
+        snapshot = self._snapshot(affected)
         with self.dialect.engine.connect() as conn:
             schema = self.dialect.schema_fingerprint(conn, sorted(affected + sorted(created)))
         baseline = {"tables": affected, "created": sorted(created), "schema": schema,
@@ -201,7 +202,7 @@ class Runner:
         if problems:
             raise NotReadyError(f"{self.migration.id} is not ready: {'; '.join(problems)}")
 
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, tables: list[str]) -> Snapshot:
         """The verified snapshot of this run: taken now, or reused (and re-checked) on resume."""
         for record in self.journal.backups(self.run_id, kind="snapshot"):
             if record["status"] != "verified":
@@ -213,7 +214,7 @@ class Runner:
                             manifest["tables"], path.with_suffix(".json"))
         self.emit("backup.started", "taking a verified snapshot before any change")
         snapshot = take_snapshot(self.dialect, self.journal, self.settings.backup_dir,
-                                 run_id=self.run_id, kind="snapshot",
+                                 run_id=self.run_id, kind="snapshot", tables=tables,
                                  label=self.migration.id)
         self.emit("backup.verified", f"snapshot {snapshot.path.name} verified "
                   f"({snapshot.size / 1e6:.1f} MB, sha256 {snapshot.sha256[:12]})",
@@ -239,12 +240,7 @@ class Runner:
                 ).run()
                 continue
             self.emit("step.started", step.describe(), step=idx)
-            with self.dialect.engine.begin() as conn:
-                state = step.apply(conn, self.dialect)
-                self.journal.update_step(conn, self.run_id, idx, status="done", state=state,
-                                         started_at=time.time(), finished_at=time.time())
-                self.journal.event(self.run_id, "step.applied", step.describe(),
-                                   data={"step": idx, "sql": step.sql(self.dialect)}, conn=conn)
+            run_schema_step(self.dialect, self.journal, self.run_id, idx, step, step_rows[idx])
             self.emit("step.completed", step.describe(), step=idx)
             if self.m.stop.is_set():
                 raise AbortedError(f"stopped after step {idx}: {self.m.stop.reason}")

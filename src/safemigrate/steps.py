@@ -81,15 +81,27 @@ class Step:
         """The statements `revert` runs."""
         raise IrreversibleError(f"step {self.describe()} has no inverse")
 
-    def apply(self, conn: Connection, dialect: Dialect) -> dict[str, Any]:
-        """Run the step; return what revert will need (stored in the journal)."""
+    def capture(self, conn: Connection, dialect: Dialect) -> dict[str, Any]:
+        """What revert will need, read before the step runs (journaled with the step)."""
+        return {}
+
+    def apply(self, conn: Connection, dialect: Dialect, state: Mapping[str, Any]) -> None:
         for statement in self.sql(dialect):
             conn.exec_driver_sql(statement)
-        return {}
 
     def revert(self, conn: Connection, dialect: Dialect, state: Mapping[str, Any]) -> None:
         for statement in self.inverse_sql(dialect, state):
             conn.exec_driver_sql(statement)
+
+    def autocommit(self, dialect: Dialect) -> bool:
+        """Whether the step must run outside a transaction (e.g. CREATE INDEX CONCURRENTLY)."""
+        return False
+
+    def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
+        """Whether the step's effect is in the database (None: cannot tell). Used to repair a
+        step interrupted between its DDL and its journal entry on engines without
+        transactional DDL."""
+        return None
 
 
 @dataclass
@@ -128,6 +140,9 @@ class AddColumn(Step):
 
     def inverse_sql(self, dialect: Dialect, state: Mapping[str, Any]) -> list[str]:
         return [dialect.drop_column_sql(self.table, self.column)]
+
+    def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
+        return self.column in {c["name"] for c in sa.inspect(conn).get_columns(self.table)}
 
 
 @dataclass
@@ -170,6 +185,9 @@ class CreateTable(Step):
     def inverse_sql(self, dialect: Dialect, state: Mapping[str, Any]) -> list[str]:
         return [f"DROP TABLE {dialect.quote(self.table)}"]
 
+    def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
+        return sa.inspect(conn).has_table(self.table)
+
 
 @dataclass
 class CreateIndex(Step):
@@ -203,10 +221,16 @@ class CreateIndex(Step):
         return f"create {unique}index {self.name} on {self.table}({', '.join(self.columns)})"
 
     def sql(self, dialect: Dialect) -> list[str]:
-        return [str(sa.schema.CreateIndex(self._index()).compile(dialect=dialect.engine.dialect))]
+        return [dialect.create_index_sql(self._index())[0]]
 
     def inverse_sql(self, dialect: Dialect, state: Mapping[str, Any]) -> list[str]:
-        return [str(sa.schema.DropIndex(self._index()).compile(dialect=dialect.engine.dialect))]
+        return [dialect.drop_index_sql(self._index())[0]]
+
+    def autocommit(self, dialect: Dialect) -> bool:
+        return dialect.create_index_sql(self._index())[1]
+
+    def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
+        return dialect.has_index(conn, self.table, str(self.name))
 
 
 @dataclass
@@ -227,20 +251,27 @@ class DropIndex(Step):
     def describe(self) -> str:
         return f"drop index {self.name} on {self.table}"
 
-    def sql(self, dialect: Dialect) -> list[str]:
+    def _index(self) -> sa.Index:
         table = sa.Table(self.table, sa.MetaData(), sa.Column("_x"))
-        index = sa.Index(self.name, table.c._x)
-        return [str(sa.schema.DropIndex(index).compile(dialect=dialect.engine.dialect)).strip()]
+        return sa.Index(self.name, table.c._x)
 
-    def apply(self, conn: Connection, dialect: Dialect) -> dict[str, Any]:
+    def sql(self, dialect: Dialect) -> list[str]:
+        return [dialect.drop_index_sql(self._index())[0]]
+
+    def autocommit(self, dialect: Dialect) -> bool:
+        return dialect.drop_index_sql(self._index())[1]
+
+    def capture(self, conn: Connection, dialect: Dialect) -> dict[str, Any]:
         definition = dialect.index_definition(conn, self.table, self.name)
         if definition is None:
             raise MigrationFileError(
                 f"index {self.name} on {self.table} does not exist",
                 "check the index name with your database's schema browser",
             )
-        super().apply(conn, dialect)
         return {"definition": definition}
+
+    def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
+        return not dialect.has_index(conn, self.table, self.name)
 
     def inverse_sql(self, dialect: Dialect, state: Mapping[str, Any]) -> list[str]:
         if not state.get("definition"):
@@ -328,7 +359,7 @@ class Backfill(Step):
         sets = ", ".join(f"{q(c)} = ?" for c in self.writes)
         return [f"UPDATE {q(self.table)} SET {sets} WHERE <primary key> = ?  -- per row, in batches"]
 
-    def apply(self, conn: Connection, dialect: Dialect) -> dict[str, Any]:
+    def apply(self, conn: Connection, dialect: Dialect, state: Mapping[str, Any]) -> None:
         raise NotImplementedError("Backfill runs through safemigrate.engine, not apply()")
 
 

@@ -7,6 +7,7 @@ Core; a dialect class only holds what the engines really do differently.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,19 +99,39 @@ class Dialect(ABC):
     def drop_column_sql(self, table: str, column: str) -> str:
         return f"ALTER TABLE {self.quote(table)} DROP COLUMN {self.quote(column)}"
 
+    def create_index_sql(self, index: sa.Index) -> tuple[str, bool]:
+        """CREATE INDEX for this engine, and whether it must run outside a transaction."""
+        return str(sa.schema.CreateIndex(index).compile(dialect=self.engine.dialect)).strip(), False
+
+    def drop_index_sql(self, index: sa.Index) -> tuple[str, bool]:
+        return str(sa.schema.DropIndex(index).compile(dialect=self.engine.dialect)).strip(), False
+
+    def has_index(self, conn: Connection, table: str, name: str) -> bool:
+        return name in {i["name"] for i in sa.inspect(conn).get_indexes(table)}
+
     @abstractmethod
     def index_definition(self, conn: Connection, table: str, name: str) -> str | None:
         """SQL that recreates an existing index exactly, so DropIndex can be undone."""
 
     # -- snapshots -----------------------------------------------------------------------------
     @abstractmethod
-    def snapshot(self, conn: Connection, dest: Path) -> None:
-        """Write a consistent copy of the database to `dest` (already a temp name)."""
+    def snapshot(self, dest: Path, tables: list[str]) -> dict[str, Any]:
+        """Write a consistent copy of the database (at least `tables`) to `dest`, a temp file
+        already created with mode 0600, and return the digests of `tables` taken at the same
+        instant (same transaction / exported snapshot), so the copy can be proven equal."""
 
     @abstractmethod
-    def open_snapshot(self, path: Path) -> Engine:
-        """A read-only engine over a snapshot file, for verification and restore."""
+    def snapshot_reader(self, path: Path) -> AbstractContextManager[Connection]:
+        """A read connection over a snapshot's content: the file itself for SQLite, a scratch
+        database restored from the dump for servers (dropped on exit)."""
 
     @abstractmethod
     def restore_tables(self, snapshot: Path, tables: list[str], drop: list[str]) -> None:
         """Replace `tables` with their content and definition in the snapshot; drop `drop`."""
+
+    # -- behaviour under load ------------------------------------------------------------------
+    transactional_ddl = True
+
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        """Whether a driver error means "gave up waiting for a lock" (worth a retry)."""
+        return False

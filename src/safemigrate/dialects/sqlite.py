@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from .._exceptions import (
     NotADatabaseError,
     SafeMigrateError,
 )
+from ..digest import database_digest
 from .base import Dialect
 
 
@@ -68,6 +71,9 @@ class SQLiteDialect(Dialect):
                 conn.exec_driver_sql("PRAGMA schema_version").scalar()
         except sa.exc.DBAPIError as exc:
             raise self.translate_error(exc) from None
+
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        return "database is locked" in str(getattr(exc, "orig", exc)).lower()
 
     def translate_error(self, exc: BaseException) -> SafeMigrateError:
         text = str(getattr(exc, "orig", exc) or exc)
@@ -128,17 +134,21 @@ class SQLiteDialect(Dialect):
             (name, table),
         ).scalar()
 
-    def snapshot(self, conn: Connection, dest: Path) -> None:
-        source = conn.connection.dbapi_connection
-        target = sqlite3.connect(dest)
-        try:
-            source.backup(target, pages=4096)
-        except sqlite3.Error as exc:
-            raise self.translate_error(exc) from None
-        finally:
-            target.close()
+    def snapshot(self, dest: Path, tables: list[str]) -> dict[str, Any]:
+        """Online backup API inside one read transaction that also computes the digests."""
+        with self.engine.connect() as conn, conn.execution_options(sqlite_begin="DEFERRED").begin():
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+            target = sqlite3.connect(dest)
+            try:
+                conn.connection.dbapi_connection.backup(target, pages=4096)
+            except sqlite3.Error as exc:
+                raise self.translate_error(exc) from None
+            finally:
+                target.close()
+            return database_digest(conn, tables)
 
-    def open_snapshot(self, path: Path) -> Engine:
+    @contextmanager
+    def snapshot_reader(self, path: Path) -> Iterator[Connection]:
         uri = f"file:{path}?mode=ro"
         engine = sa.create_engine(
             "sqlite://",
@@ -146,7 +156,11 @@ class SQLiteDialect(Dialect):
             poolclass=sa.pool.NullPool,
         )
         _install_transaction_fix(engine)
-        return engine
+        try:
+            with engine.connect() as conn:
+                yield conn
+        finally:
+            engine.dispose()
 
     def restore_tables(self, snapshot: Path, tables: list[str], drop: list[str]) -> None:
         """Replace tables by their snapshot versions in one transaction (definition, rows,
