@@ -229,6 +229,42 @@ def generate(
     }
 
 
+def generate_into(
+    url: str, rows: int, bad_rate: float = 0.0, seed: int = 42, folders: int = 50
+) -> dict[str, Any]:
+    """The same cards as `generate`, into an existing empty server database (PostgreSQL,
+    MySQL/MariaDB) given by a SQLAlchemy URL; the tables must not exist yet."""
+    import sqlalchemy as sa
+
+    from .schema import metadata
+
+    if rows < 0 or not 0.0 <= bad_rate <= 1.0 or folders < 0:
+        raise ValueError("rows and folders must be >= 0 and bad_rate between 0 and 1")
+    rng = Random(seed)
+    bad_count = round(rows * bad_rate)
+    bad = set(rng.sample(range(1, rows + 1), bad_count)) if bad_count else set()
+    kinds = dict.fromkeys(BAD_KINDS, 0)
+    tag_pool = _tag_pool(rng)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    folders_t, cards_t = metadata.tables["folders"], metadata.tables["cards"]
+    names = [c.name for c in cards_t.columns]
+    try:
+        with engine.begin() as conn:
+            metadata.create_all(conn)
+            if folders:
+                conn.execute(folders_t.insert(), [
+                    {"id": i, "name": n, "parent_id": p} for i, n, p in _folders(rng, folders)
+                ])
+            for first in range(1, rows + 1, CHUNK):
+                last = min(first + CHUNK - 1, rows)
+                batch = _cards(rng, first, last, folders, bad, kinds, tag_pool)
+                conn.execute(cards_t.insert(), [dict(zip(names, r, strict=True)) for r in batch])
+    finally:
+        engine.dispose()
+    return {"rows": rows, "bad_rows": bad_count, "folders": folders, "path": url,
+            "bad_kinds": kinds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m safemigrate.examples.cards.generate",

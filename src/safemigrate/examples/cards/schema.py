@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import sqlalchemy as sa
+
 TABLES_SQL = (
     """
     CREATE TABLE folders (
@@ -49,3 +51,23 @@ def create_schema(conn: sqlite3.Connection) -> None:
     """Create the v2 tables and indexes (the caller commits)."""
     create_tables(conn)
     create_indexes(conn)
+
+
+# The same v2 schema as SQLAlchemy tables, for PostgreSQL and MySQL/MariaDB databases.
+metadata = sa.MetaData()
+sa.Table(
+    "folders", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("folders.id")),
+)
+sa.Table(
+    "cards", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("folder_id", sa.Integer, sa.ForeignKey("folders.id"), index=True),
+    sa.Column("front_content", sa.Text, nullable=False),
+    sa.Column("back_content", sa.Text, nullable=False),
+    sa.Column("style", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+)
