@@ -98,6 +98,31 @@ class BackfillProgress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
 
+@dataclass
+class BatchStats:
+    """What the supervisor (monitor, guards, control) learns after each committed batch."""
+
+    run_id: str
+    step_idx: int
+    table: str
+    rows: int
+    quarantined_in_batch: int
+    seconds: float  # wall time since the previous batch was committed (read+transform+write)
+    write_seconds: float
+    done: int
+    total: int
+    quarantined: int
+    rate: float
+    batch_size: int
+    first_key: list[Any]
+    last_key: list[Any]
+
+
+# Called after every committed batch; may block (pause, throttle), raise (abort, guard trip) or
+# return a new batch size (auto-tuning).
+BatchHook = Callable[[BatchStats], "int | None"]
+
+
 class StopSignal:
     """Set from a signal handler or another thread; the writer stops between batches."""
 
@@ -119,7 +144,7 @@ class BackfillExecutor:
     def __init__(self, *, dialect: Dialect, journal: Journal, bus: EventBus, run_id: str,
                  step_idx: int, step: Backfill, migration_path: Path | None, workers: int,
                  batch_size: int, stop: StopSignal | None = None,
-                 between_batches: Callable[[], None] | None = None) -> None:
+                 between_batches: BatchHook | None = None) -> None:
         self.dialect = dialect
         self.journal = journal
         self.bus = bus
@@ -176,12 +201,14 @@ class BackfillExecutor:
             outcomes = self._pooled(batches, names, len(pk))
         else:
             outcomes = ((rows, transform_rows(self.step, names, len(pk), rows)) for rows in batches)
+        last_commit = time.time()
         for rows, (ok, bad) in outcomes:
             t0 = time.time()
             self._write(update, len(pk), rows, ok, bad)
             progress.done += len(rows)
             progress.quarantined += len(bad)
             progress.batch_seconds = time.time() - t0
+            batch_wall, last_commit = time.time() - last_commit, time.time()
             elapsed = time.time() - started
             rate = (progress.done - progress_base) / elapsed if elapsed > 0 else 0.0
             remaining = max(progress.total - progress.done, 0)
@@ -196,7 +223,13 @@ class BackfillExecutor:
                                     data={"step": self.step_idx, "count": len(bad),
                                           "example_key": list(bad[0][0]), "error": bad[0][2]}))
             if self.between_batches is not None:
-                self.between_batches()
+                new_size = self.between_batches(BatchStats(
+                    self.run_id, self.step_idx, self.step.table, len(rows), len(bad), batch_wall,
+                    progress.batch_seconds, progress.done, progress.total, progress.quarantined,
+                    rate, self.batch_size, list(rows[0][:len(pk)]), list(rows[-1][:len(pk)])))
+                if new_size:
+                    self.batch_size = max(1, int(new_size))
+                last_commit = time.time()  # time spent paused or throttled is not batch time
             if self.stop.is_set():
                 batches.close()
                 raise AbortedError(f"stopped after a committed batch: {self.stop.reason}")
@@ -210,10 +243,10 @@ class BackfillExecutor:
                       checkpoint: list[Any] | None) -> Iterator[list[tuple[Any, ...]]]:
         """Keyset pagination; each batch read in its own short read transaction."""
         pk = [table.c[n] for n in names[:n_key]]
-        base = sa.select(*[table.c[n] for n in names]).order_by(*pk).limit(self.batch_size)
+        base = sa.select(*[table.c[n] for n in names]).order_by(*pk)
         last = tuple(checkpoint) if checkpoint is not None else None
         while True:
-            query = base
+            query = base.limit(self.batch_size)  # the batch size may be re-tuned between batches
             if last is not None:
                 query = query.where(pk[0] > last[0] if n_key == 1 else sa.tuple_(*pk) > sa.tuple_(*last))
             with self.dialect.engine.connect() as conn:

@@ -6,7 +6,6 @@ nothing here prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import sqlalchemy as sa
 
 from ._exceptions import ChecksumMismatchError, MigrationFileError, UsageError
 from .dialects import Dialect, dialect_for
-from .engine import StopSignal
+from .engine import BatchHook, BatchStats, StopSignal
 from .events import PROGRESS_KINDS, Event, EventBus
 from .journal import Journal
 from .lock import RunLock
@@ -64,7 +63,7 @@ class Migrator:
         self.bus = bus or EventBus()
         self.bus.subscribe(self._journal_subscriber)
         self.stop = StopSignal()
-        self.between_batches: Callable[[], None] | None = None
+        self.between_batches: BatchHook | None = None
         self._lock: RunLock | None = None
         self._journal_ready = False
 
@@ -110,9 +109,10 @@ class Migrator:
         if self._lock is not None:
             self._lock.attach_run(run_id)
 
-    def _check_lock(self) -> None:
+    def _check_lock(self, stats: BatchStats | None = None) -> int | None:
         if self._lock is not None and self._lock.lost.is_set():
             self.stop.set("the run lock was taken over by another process")
+        return None
 
     def dialect_analyze(self, tables: list[str]) -> None:
         with self.dialect.engine.begin() as conn:
