@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 from ._exceptions import ConfigError
 
 CONFIG_FILE = "safemigrate.toml"
+
+# Tables in the config file, each read by the module that owns it (see `section_settings`).
+SECTIONS = ("backup", "checks", "guards", "monitor", "notify", "hooks", "degradation", "canaries")
 
 
 @dataclass
@@ -26,6 +29,11 @@ class Settings:
     lock_stale_after: float = 60.0
     disk_factor: float = 3.0
     auto_rollback: bool = True
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The raw `[name]` table of the config (validated by its owner's dataclass)."""
+        return dict(self.sections.get(name) or {})
 
     def __post_init__(self) -> None:
         self.migrations = Path(self.migrations)
@@ -67,7 +75,11 @@ def load_settings(directory: Path | None = None, **overrides: Any) -> Settings:
     """Merge config file, SAFEMIGRATE_DB and explicit overrides (None means not given)."""
     directory = directory or Path.cwd()
     data, path = _read_config(directory)
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)} - {"sections"}
+    sections = {k: data.pop(k) for k in list(data) if k in SECTIONS}
+    for name, table in sections.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] in {path.name if path else 'config'} must be a table")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
@@ -75,6 +87,7 @@ def load_settings(directory: Path | None = None, **overrides: Any) -> Settings:
             "known settings: " + ", ".join(sorted(known)),
         )
     merged: dict[str, Any] = dict(data)
+    merged["sections"] = sections
     for key in ("migrations", "backup_dir"):
         if key in merged and path is not None and not Path(merged[key]).is_absolute():
             merged[key] = path.parent / merged[key]
@@ -85,3 +98,39 @@ def load_settings(directory: Path | None = None, **overrides: Any) -> Settings:
         return Settings(**merged)
     except TypeError as exc:
         raise ConfigError(f"bad setting: {exc}") from None
+
+
+S = TypeVar("S")
+
+
+def section_settings(cls: type[S], data: dict[str, Any], name: str) -> S:
+    """Build a section dataclass from its config table, with one-line errors for unknown
+    keys and wrongly typed values (ints are accepted where floats are expected)."""
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r} in [{name}]",
+                              "known: " + ", ".join(sorted(known)))
+        expected = hints[key]
+        origin = getattr(expected, "__origin__", None) or expected
+        ok = True
+        if expected is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected is bool:
+            ok = isinstance(value, bool)
+        elif expected is str:
+            ok = isinstance(value, str)
+        elif origin in (list, dict):
+            ok = isinstance(value, origin)
+        if not ok:
+            raise ConfigError(f"[{name}] {key} must be {getattr(expected, '__name__', expected)}, "
+                              f"got {value!r}")
+    kwargs = {k: (float(v) if hints[k] is float else v) for k, v in data.items()}
+    missing = [f.name for f in known.values() if f.default is MISSING
+               and f.default_factory is MISSING and f.name not in kwargs]
+    if missing:
+        raise ConfigError(f"[{name}] needs {missing[0]}")
+    return cls(**kwargs)
