@@ -8,6 +8,8 @@ rollback returned the original content.
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
 import warnings
 from typing import Any
 
@@ -41,8 +43,18 @@ def table_digest(conn: Connection, table: str, columns: list[str] | None = None)
     while chunk := result.fetchmany(CHUNK):
         rows += len(chunk)
         for name, values in zip(names, zip(*chunk, strict=True), strict=True):
-            hashers[name].update(repr(values).encode())
+            hashers[name].update(_encode(values))
     return {"rows": rows, "columns": {n: h.hexdigest() for n, h in hashers.items()}}
+
+
+def _encode(values: tuple[Any, ...]) -> bytes:
+    """Deterministic bytes for a column chunk: pickle without its memo (so two equal values
+    always encode the same, whatever their object identity), faster than repr()."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=5)
+    pickler.fast = True
+    pickler.dump(values)
+    return buffer.getvalue()
 
 
 def database_digest(conn: Connection, tables: list[str]) -> dict[str, dict[str, Any]]:

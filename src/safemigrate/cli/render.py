@@ -113,6 +113,8 @@ class ConsoleRenderer:
         if event.kind == "step.completed" and "done" in data and self.live:
             self.close()
             return
+        if event.kind == "step.started":
+            return  # schema steps are shown once, when done
         if event.kind == "quarantine":
             return  # counted in the progress line and the summary
         style = LEVEL_STYLE.get(event.level, "")
@@ -120,7 +122,7 @@ class ConsoleRenderer:
             self.close()
             self.console.print(f"[bold cyan]▶ {data.get('phase', event.message)}[/]")
         elif event.kind.startswith(("step.", "rollback.step")):
-            self.console.print(f"  • {event.message}", style=style, highlight=False)
+            self.console.print(f"  ✓ {event.message}", style=style, highlight=False)
         elif event.kind in ("phase.completed",):
             return
         else:
