@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ._exceptions import AbortedError, MigrationFileError, SafeMigrateError
+from .capture import Capture
+from .capture import entries as capture_entries
 from .dialects import Dialect
 from .digest import reflect
 from .events import Event, EventBus
@@ -294,21 +296,64 @@ class BackfillExecutor:
 
     def _write(self, update: sa.Update, n_key: int, rows: list[tuple[Any, ...]],
                ok: list[tuple[Key, dict[str, Any]]], bad: list[tuple[Key, dict[str, Any], str]]) -> None:
-        params = []
-        for key, new in ok:
-            item = {f"_k{i}": v for i, v in enumerate(key)}
-            item.update({f"_w_{w}": v for w, v in new.items()})
-            params.append(item)
         last_key = list(rows[-1][:n_key])
         with self.dialect.engine.begin() as conn:
-            if params:
-                conn.execute(update, params)
-            if bad:
-                self.journal.quarantine_rows(conn, self.run_id, self.step_idx, self.step.table,
-                                             [(list(k), r, e) for k, r, e in bad])
+            self._apply_outcome(conn, update, ok, bad)
             self.journal.update_step(
                 conn, self.run_id, self.step_idx, checkpoint=last_key,
                 rows_done=steps_table.c.rows_done + len(rows),
                 rows_quarantined=steps_table.c.rows_quarantined + len(bad),
             )
 
+    def _apply_outcome(self, conn: Connection, update: sa.Update, ok: list[tuple[Key, dict[str, Any]]],
+                       bad: list[tuple[Key, dict[str, Any], str]]) -> None:
+        """The updates and quarantine entries of one batch, in the caller's transaction."""
+        params = []
+        for key, new in ok:
+            item = {f"_k{i}": v for i, v in enumerate(key)}
+            item.update({f"_w_{w}": v for w, v in new.items()})
+            params.append(item)
+        if params:
+            conn.execute(update, params)
+        if bad:
+            self.journal.quarantine_rows(conn, self.run_id, self.step_idx, self.step.table,
+                                         [(list(k), r, e) for k, r, e in bad])
+
+    def drain(self, capture: Capture) -> int:
+        """Migrate the rows the application wrote while the scan ran (from the change log),
+        until the log has nothing new. Each round reads, transforms and writes in ONE
+        transaction with the log position, so a crash resumes exactly where it stopped.
+        Deleted rows are simply not found: nothing is resurrected."""
+        if not capture.log:
+            return 0
+        processed = 0
+        with self.dialect.engine.connect() as conn:
+            table = self._table(conn)
+        pk = list(table.primary_key.columns)
+        names = [c.name for c in pk] + [c for c in self.step.reads if c not in {p.name for p in pk}]
+        update = self._update_statement(table, pk)
+        select = sa.select(*[table.c[n] for n in names])
+        key_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
+        while True:
+            with self.dialect.engine.begin() as conn:
+                after = conn.execute(sa.select(steps_table.c.queue_seq).where(
+                    steps_table.c.run_id == self.run_id, steps_table.c.idx == self.step_idx)).scalar() or 0
+                batch = capture_entries(conn, capture, after, self.batch_size)
+                if not batch:
+                    break
+                keys = list(dict.fromkeys(key for _, key, _ in batch))
+                wanted = [k[0] for k in keys] if len(pk) == 1 else keys
+                rows = [tuple(r) for r in conn.execute(select.where(key_expr.in_(wanted)))]
+                ok, bad = transform_rows(self.step, names, len(pk), rows)
+                retried = [k for k, _ in ok] + [k for k, _, _ in bad]
+                released = self.journal.unquarantine(conn, self.run_id, self.step_idx, retried)
+                self._apply_outcome(conn, update, ok, bad)
+                self.journal.update_step(
+                    conn, self.run_id, self.step_idx, queue_seq=batch[-1][0],
+                    rows_quarantined=steps_table.c.rows_quarantined - released + len(bad))
+            processed += len(rows)
+        if processed:
+            self.bus.emit(Event("queue.drained", f"{processed} rows written by the application during "
+                                f"the migration were migrated too", self.run_id,
+                                data={"step": self.step_idx, "rows": processed}))
+        return processed

@@ -61,6 +61,7 @@ steps = sa.Table(
     sa.Column("rows_total", sa.BigInteger),
     sa.Column("rows_done", sa.BigInteger, nullable=False, default=0),
     sa.Column("rows_quarantined", sa.BigInteger, nullable=False, default=0),
+    sa.Column("queue_seq", sa.BigInteger, nullable=False, default=0),  # change log drained up to
     sa.Column("started_at", sa.Float),
     sa.Column("updated_at", sa.Float),
     sa.Column("finished_at", sa.Float),
@@ -127,6 +128,22 @@ state = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+requests = sa.Table(  # rollback requests: who asked, why, how urgently, and what became of it
+    "safemigrate_requests", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("run_id", sa.String(32), index=True),
+    sa.Column("priority", sa.String(10), nullable=False),  # low | medium | high | critical
+    sa.Column("status", sa.String(20), nullable=False),  # pending|approved|executing|done|failed|rejected
+    sa.Column("strategy", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("requested_by", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("decided_by", sa.String(255)),
+    sa.Column("decided_at", sa.Float),
+    sa.Column("outcome", sa.Text),
 )
 
 
@@ -225,7 +242,8 @@ class Journal:
         now = time.time()
         for row in rows:
             conn.execute(steps.insert().values(run_id=run_id, status="pending", rows_done=0,
-                                               rows_quarantined=0, updated_at=now, **row))
+                                               rows_quarantined=0, queue_seq=0, updated_at=now,
+                                               **row))
 
     def update_step(self, conn: Connection | None, run_id: str, idx: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()
@@ -268,6 +286,16 @@ class Journal:
              "row_data": dumps(row), "error": error[:2000], "ts": now}
             for pk, row, error in items
         ])
+
+    def unquarantine(self, conn: Connection, run_id: str, step_idx: int, keys: list[Any]) -> int:
+        """Forget quarantine entries of rows that have since been migrated (the application
+        fixed them and the change log brought them back)."""
+        if not keys:
+            return 0
+        result = conn.execute(quarantine.delete().where(
+            quarantine.c.run_id == run_id, quarantine.c.step_idx == step_idx,
+            quarantine.c.pk.in_([dumps(list(k)) for k in keys])))
+        return result.rowcount or 0
 
     def quarantined(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         query = sa.select(quarantine).where(quarantine.c.run_id == run_id).order_by(quarantine.c.id)

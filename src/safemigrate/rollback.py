@@ -8,6 +8,8 @@ and the result must equal the pre-migration schema and content digests.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from . import capture
 from ._exceptions import (
     BackupError,
     ChecksumMismatchError,
@@ -24,6 +27,7 @@ from ._exceptions import (
 )
 from .backup import take_snapshot, verify_backup_record
 from .ddl import run_schema_step
+from .digest import reflect, row_differences
 from .events import Event
 from .journal import runs
 from .migration import Migration
@@ -198,13 +202,45 @@ class RollbackExecutor:
                                    data={"step": row["idx"]}, conn=conn)
             self.emit("rollback.step", detail, step=row["idx"])
 
+    def _export_application_changes(self, snapshot: Path) -> Path | None:
+        """Rows the application inserted or changed since the snapshot, as JSON lines beside
+        the backup: the restore is about to replace them (they are also in the pre-rollback
+        backup; this file lists just them)."""
+        baseline = self.run["baseline"]
+        target = snapshot.with_name(f"{snapshot.stem}.application-changes.jsonl")
+        count = 0
+        with self.dialect.engine.connect() as live, self.dialect.snapshot_reader(snapshot) as snap:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                for table in baseline["tables"]:
+                    t = reflect(live, table)
+                    pk = list(t.primary_key.columns)
+                    for key, kind, _cols in row_differences(live, snap, table):
+                        row = None
+                        if kind != "deleted" and pk:
+                            match = sa.and_(*[c == v for c, v in zip(pk, key, strict=True)])
+                            found = live.execute(sa.select(t).where(match)).mappings().first()
+                            row = dict(found) if found else None
+                        out.write(json.dumps({"table": table, "key": list(key), "change": kind,
+                                              "row": row}, default=str) + "\n")
+                        count += 1
+        if not count:
+            target.unlink()
+            return None
+        self.journal.event(self.run_id, "rollback.exported",
+                           f"{count} rows changed by the application exported to {target}",
+                           level="warning", data={"file": str(target), "rows": count})
+        return target
+
     def _restore(self) -> None:
         baseline = self.run["baseline"]
         snapshot = self._snapshot_record()
+        self._export_application_changes(Path(snapshot["location"]))
         self.dialect.restore_tables(Path(snapshot["location"]), baseline["tables"],
                                     baseline["created"])
+        changed = self._changed_steps()  # read before BEGIN IMMEDIATE: its own connection would wait
         with self.dialect.engine.begin() as conn:
-            for row in self._changed_steps():
+            for row in changed:
                 self.journal.update_step(conn, self.run_id, row["idx"], status="reverted")
             self.journal.event(self.run_id, "rollback.restore",
                                f"restored {', '.join(baseline['tables'])} from {snapshot['location']}",
@@ -212,7 +248,16 @@ class RollbackExecutor:
         self.emit("rollback.step", f"restored {', '.join(baseline['tables'])} from the snapshot")
 
     def _prove(self) -> list[CheckResult]:
-        results = [integrity(self.dialect)] + schema_and_content(self.dialect, self.run["baseline"])
+        baseline = self.run["baseline"]
+        snapshot = next((Path(b["location"]) for b in self.journal.backups(self.run_id, kind="snapshot")
+                         if b["id"] == baseline.get("snapshot_id")), None)
+        restored: dict[str, set[str]] = {}
+        if self.strategy == "reverse" and self.migration is not None:
+            for row in self.journal.steps(self.run_id):
+                step = self.migration.steps[row["idx"]]
+                if isinstance(step, Backfill) and row["state"].get("columns"):
+                    restored.setdefault(step.table, set()).update(row["state"]["columns"])
+        results = [integrity(self.dialect)] + schema_and_content(self.dialect, baseline, snapshot, restored)
         for result in results:
             self.journal.event(self.run_id, "rollback.check",
                                f"{result.name}: {'passed' if result.passed else 'FAILED'} "
@@ -221,6 +266,7 @@ class RollbackExecutor:
         return results
 
     def _finish(self) -> None:
+        capture.forget(self.journal, self.dialect, self.run_id)
         with self.dialect.engine.begin() as conn:
             for row in self.journal.steps(self.run_id, conn):
                 if row["kind"] == "backfill":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from . import capture
 from ._exceptions import (
     AbortedError,
     ChecksumMismatchError,
@@ -166,9 +167,23 @@ class Runner:
         if missing:
             raise MigrationFileError(f"table {missing[0]} does not exist",
                                      "check the table names in the migration")
+        with self.dialect.engine.connect() as conn:  # refuse before any change, not mid-run
+            for table in sorted({s.table for s in self.migration.steps
+                                 if isinstance(s, Backfill) and s.table not in created}):
+                if not reflect(conn, table).primary_key.columns:
+                    raise MigrationFileError(
+                        f"table {table} has no primary key; Backfill pages by primary key",
+                        "add a primary key (or a unique NOT NULL key made primary) before backfilling",
+                    )
+                self._refuse_unaddressable_rows(conn, table)
         self._run_own_checks()
         affected = sorted(self.migration.tables() - created)
-        snapshot = self._snapshot(affected)
+        self._install_capture(affected)
+        try:
+            snapshot = self._snapshot(affected)
+        except Exception:
+            capture.forget(self.journal, self.dialect, self.run_id)  # leave nothing behind
+            raise
         with self.dialect.engine.connect() as conn:
             schema = self.dialect.schema_fingerprint(conn, sorted(affected + sorted(created)))
         baseline = {"tables": affected, "created": sorted(created), "schema": schema,
@@ -186,6 +201,59 @@ class Runner:
             if name:
                 self.journal.event(self.run_id, "backup.shadow",
                                    f"shadow copy of {step.table}({', '.join(columns)}) in {name}")
+
+    def _install_capture(self, tables: list[str]) -> list[capture.Capture]:
+        """Change capture on every affected table, before the snapshot so no write escapes."""
+        if not self.settings.online:
+            return []
+        written = self.migration.written_columns()
+        captures = []
+        for table in tables:
+            installed = capture.install(self.dialect, self.run_id, table, written.get(table, set()))
+            if installed.log:
+                captures.append(installed)
+        capture.save(self.journal, self.run_id, captures)
+        if captures:
+            self.journal.event(self.run_id, "capture.installed",
+                               f"change capture on {', '.join(c.table for c in captures)}",
+                               data={"captures": [c.as_dict() for c in captures]})
+        return captures
+
+    def _captures(self) -> dict[str, capture.Capture]:
+        return {c.table: c for c in capture.load(self.journal, self.run_id)}
+
+    def _drain(self, idx: int, step: Backfill) -> None:
+        cap = self._captures().get(step.table)
+        if cap is not None:
+            self._executor(idx, step).drain(cap)
+
+    def _executor(self, idx: int, step: Backfill) -> BackfillExecutor:
+        return BackfillExecutor(
+            dialect=self.dialect, journal=self.journal, bus=self.m.bus,
+            run_id=self.run_id, step_idx=idx, step=step,
+            migration_path=self.migration.path, workers=self.settings.workers,
+            batch_size=self.settings.batch_size, stop=self.m.stop,
+            between_batches=self.m.between_batches,
+        )
+
+    def _refuse_unaddressable_rows(self, conn: sa.Connection, table: str) -> None:
+        """SQLite lets a non-INTEGER primary key hold NULL: such rows can be neither paged past
+        nor updated by key, and would be silently skipped. And compiling (never running) an
+        UPDATE compiles the application's triggers: a SQL function or collation only the
+        application registers fails here, before any change, not in the middle of the run."""
+        q = self.dialect.quote
+        keys = [c.name for c in reflect(conn, table).primary_key.columns]
+        nulls = " OR ".join(f"{q(k)} IS NULL" for k in keys)
+        if conn.execute(sa.text(f"SELECT 1 FROM {q(table)} WHERE {nulls} LIMIT 1")).first():
+            raise MigrationFileError(
+                f"table {table} has rows whose primary key ({', '.join(keys)}) is NULL; "
+                "Backfill cannot address them by key",
+                "give those rows a key (or delete them) before backfilling",
+            )
+        writes = {w for s in self.migration.steps if isinstance(s, Backfill) and s.table == table
+                  for w in s.writes} & set(reflect(conn, table).c.keys())
+        sets = ", ".join(f"{q(c)} = {q(c)}" for c in sorted(writes) or keys[:1])
+        conn.execute(sa.text(f"EXPLAIN UPDATE {q(table)} SET {sets} WHERE 1 = 0"))
 
     def _run_own_checks(self) -> None:
         problems = []
@@ -231,13 +299,8 @@ class Runner:
             if self.migration.phase_of(idx) != phase or step_rows[idx]["status"] == "done":
                 continue
             if isinstance(step, Backfill):
-                BackfillExecutor(
-                    dialect=self.dialect, journal=self.journal, bus=self.m.bus,
-                    run_id=self.run_id, step_idx=idx, step=step,
-                    migration_path=self.migration.path, workers=self.settings.workers,
-                    batch_size=self.settings.batch_size, stop=self.m.stop,
-                    between_batches=self.m.between_batches,
-                ).run()
+                self._executor(idx, step).run()
+                self._drain(idx, step)
                 continue
             self.emit("step.started", step.describe(), step=idx)
             run_schema_step(self.dialect, self.journal, self.run_id, idx, step, step_rows[idx])
@@ -254,13 +317,25 @@ class Runner:
     def _phase_validation(self, run: dict[str, Any]) -> None:
         run = self.journal.run(self.run_id) or run
         baseline = run["baseline"]
-        results = [integrity(self.dialect), untouched_columns(self.dialect, self.migration, baseline)]
+        captures = self._captures()
+        with self.dialect.engine.connect() as conn:
+            changed = {t: capture.changed_keys(conn, c) for t, c in captures.items()}
+        snapshot = next((Path(b["location"]) for b in self.journal.backups(self.run_id, kind="snapshot")
+                         if b["id"] == baseline.get("snapshot_id")), None)
+        results = [integrity(self.dialect),
+                   untouched_columns(self.dialect, self.migration, baseline, changed, snapshot)]
         step_rows = {s["idx"]: s for s in self.journal.steps(self.run_id)}
         for idx, step in enumerate(self.migration.steps):
             if isinstance(step, Backfill):
                 existing = step_rows[idx]["state"].get("columns", [])
+                pending: set[tuple[Any, ...]] = set()
+                if step.table in captures:
+                    with self.dialect.engine.connect() as conn:
+                        pending = {k for _, k, _ in capture.entries(
+                            conn, captures[step.table], step_rows[idx]["queue_seq"], 10**9)}
                 results.append(backfill_rows(self.dialect, self.journal, self.run_id, idx, step,
-                                             existing, self.settings.batch_size))
+                                             existing, self.settings.batch_size,
+                                             changed.get(step.table), pending))
         results += invariants(self.dialect, self.migration)
         results += smoke_checks(self.dialect, self.migration)
         assert self.result is not None
@@ -286,6 +361,14 @@ class Runner:
 
     def _phase_cleanup(self, run: dict[str, Any]) -> None:
         self._apply_steps("cleanup")
+        # Last drain, triggers out, then one more drain for what was logged before they went.
+        backfills = [(i, s) for i, s in enumerate(self.migration.steps) if isinstance(s, Backfill)]
+        for idx, step in backfills:
+            self._drain(idx, step)
+        for cap in self._captures().values():
+            capture.remove_triggers(self.dialect, cap)
+        for idx, step in backfills:
+            self._drain(idx, step)
         self.m.dialect_analyze(sorted(self.migration.tables()))
         with self.dialect.engine.begin() as conn:
             self.journal.mark_applied(conn, self.migration.id, self.migration.checksum, self.run_id)

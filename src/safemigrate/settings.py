@@ -29,6 +29,7 @@ class Settings:
     lock_stale_after: float = 60.0
     disk_factor: float = 3.0
     auto_rollback: bool = True
+    online: bool = True  # capture application writes during the migration (triggers)
     sections: dict[str, Any] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, Any]:
@@ -44,8 +45,9 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.auto_rollback, bool):
-            raise ConfigError(f"auto_rollback must be true or false, got {self.auto_rollback!r}")
+        for name in ("auto_rollback", "online"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .dialects import Dialect
-from .digest import diff_digests, reflect, table_digest
+from .digest import diff_digests, reflect, row_differences, table_digest
 from .journal import Journal
 from .migration import Migration
 from .shadow import shadow_name
@@ -87,26 +89,41 @@ def invariants(dialect: Dialect, migration: Migration) -> list[CheckResult]:
     return results
 
 
-def untouched_columns(dialect: Dialect, migration: Migration, baseline: dict[str, Any]) -> CheckResult:
-    """Invariant 4: every column the migration does not declare as written is unchanged."""
+def untouched_columns(dialect: Dialect, migration: Migration, baseline: dict[str, Any],
+                      changed: dict[str, set[tuple[Any, ...]]] | None = None,
+                      snapshot: Path | None = None) -> CheckResult:
+    """Invariant 4: every column the migration does not declare as written is unchanged.
+
+    Rows the application changed meanwhile (from the change log) are left out on both sides:
+    then the other side is the snapshot itself, digested without them."""
     written = migration.written_columns()
     raw_tables = {t for s in migration.steps if isinstance(s, RawSQL) for t in s.tables()}
+    changed = changed or {}
 
     def check() -> str:
-        problems, compared = [], 0
-        with dialect.engine.connect() as conn:
+        problems, compared, skipped = [], 0, 0
+        with ExitStack() as stack:
+            conn = stack.enter_context(dialect.engine.connect())
+            snap = None
             for table, before in baseline["digests"].items():
                 if table in raw_tables:
                     continue
                 columns = [c for c in before["columns"] if c not in written.get(table, set())]
-                after = table_digest(conn, table, columns)
-                expected = {"rows": before["rows"],
-                            "columns": {c: before["columns"][c] for c in columns}}
+                skip = changed.get(table) or set()
+                after = table_digest(conn, table, columns, skip)
+                if skip and snapshot is not None:
+                    snap = snap or stack.enter_context(dialect.snapshot_reader(snapshot))
+                    expected = table_digest(snap, table, columns, skip)
+                    skipped += len(skip)
+                else:
+                    expected = {"rows": before["rows"],
+                                "columns": {c: before["columns"][c] for c in columns}}
                 problems += [f"{table}: {p}" for p in diff_digests(expected, after)]
                 compared += len(columns)
         if problems:
             raise AssertionError("; ".join(problems[:5]))
-        return f"{compared} columns in {len(baseline['digests'])} tables bit-for-bit unchanged"
+        extra = f" ({skipped} rows changed by the application compared apart)" if skipped else ""
+        return f"{compared} columns in {len(baseline['digests'])} tables bit-for-bit unchanged{extra}"
     return timed("untouched-columns", check)
 
 
@@ -120,9 +137,15 @@ def _quarantined_keys(journal: Journal, run_id: str, step_idx: int) -> set[tuple
 
 
 def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int,
-                  step: Backfill, existing_written: list[str], batch_size: int) -> CheckResult:
+                  step: Backfill, existing_written: list[str], batch_size: int,
+                  changed: set[tuple[Any, ...]] | None = None,
+                  pending: set[tuple[Any, ...]] | None = None) -> CheckResult:
     """Every row is migrated or quarantined; every migrated row passes the validator again;
-    quarantined rows still hold their original values."""
+    quarantined rows still hold their original values. `changed`: keys the application wrote
+    during the run (they explain rows the scan never saw); `pending`: keys written since the
+    change log was last drained (checked after the final drain, in cleanup, not here)."""
+    changed = changed or set()
+    pending = pending or set()
 
     def check() -> str:
         quarantined = _quarantined_keys(journal, run_id, step_idx)
@@ -150,10 +173,12 @@ def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int
                 for rec in chunk:
                     rows += 1
                     key = tuple(rec[p.name] for p in pk)
+                    if key in pending:
+                        continue
                     new = {w: rec[f"__new_{w}"] for w in step.writes}
                     if key in quarantined:
                         old = {w: rec.get(f"__old_{w}") for w in step.writes}
-                        if new != old:
+                        if new != old and key not in changed:
                             untouched_bad += 1
                         continue
                     if step.validate is None:
@@ -170,21 +195,27 @@ def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int
                             examples.append(f"{list(key)}: {exc}")
         step_row = next(s for s in journal.steps(run_id) if s["idx"] == step_idx)
         problems = []
-        if step_row["rows_done"] < rows:
-            problems.append(f"{rows - step_row['rows_done']} rows were never processed")
+        unexplained = rows - step_row["rows_done"] - len(changed)
+        if unexplained > 0:
+            problems.append(f"{unexplained} rows were never processed")
         if failures:
             problems.append(f"{failures} migrated rows fail validation ({'; '.join(examples)})")
         if untouched_bad:
             problems.append(f"{untouched_bad} quarantined rows were modified")
         if problems:
             raise AssertionError("; ".join(problems))
+        app = f", {len(changed)} written by the application meanwhile" if changed else ""
         return (f"{rows} rows: {rows - len(quarantined)} migrated ({revalidated} re-validated), "
-                f"{len(quarantined)} quarantined and unchanged")
+                f"{len(quarantined)} quarantined and unchanged{app}")
     return timed(f"backfill:{step.table}#{step_idx}", check)
 
 
-def schema_and_content(dialect: Dialect, baseline: dict[str, Any]) -> list[CheckResult]:
-    """After a rollback: schema and every digest equal to the pre-migration ones."""
+def schema_and_content(dialect: Dialect, baseline: dict[str, Any], snapshot: Path | None = None,
+                       restored: dict[str, set[str]] | None = None) -> list[CheckResult]:
+    """After a rollback: the schema equals the pre-migration one, and so does the content,
+    apart from rows the application changed meanwhile, which are kept and listed. A difference
+    in a column the rollback restored is never the application's: it fails the check."""
+    restored = restored or {}
 
     def schema() -> str:
         with dialect.engine.connect() as conn:
@@ -195,14 +226,33 @@ def schema_and_content(dialect: Dialect, baseline: dict[str, Any]) -> list[Check
         return f"{len(now)} tables identical to before the migration"
 
     def content() -> str:
-        problems = []
-        with dialect.engine.connect() as conn:
+        problems: list[str] = []
+        kept: dict[str, list[Any]] = {}
+        with ExitStack() as stack:
+            conn = stack.enter_context(dialect.engine.connect())
+            snap = None
             for table, before in baseline["digests"].items():
-                problems += [f"{table}: {p}" for p in diff_digests(before, table_digest(conn, table))]
+                diff = diff_digests(before, table_digest(conn, table))
+                if not diff:
+                    continue
+                if snapshot is None:
+                    problems += [f"{table}: {p}" for p in diff]
+                    continue
+                snap = snap or stack.enter_context(dialect.snapshot_reader(snapshot))
+                for key, kind, columns in row_differences(conn, snap, table):
+                    if kind == "changed" and columns & restored.get(table, set()):
+                        problems.append(f"{table} {list(key)}: restored column(s) "
+                                        f"{', '.join(sorted(columns & restored[table]))} differ")
+                    else:
+                        kept.setdefault(table, []).append(list(key))
         if problems:
             raise AssertionError("; ".join(problems[:5]))
         rows = sum(d["rows"] for d in baseline["digests"].values())
-        return f"{rows} rows in {len(baseline['digests'])} tables equal to before the migration"
+        if not kept:
+            return f"{rows} rows in {len(baseline['digests'])} tables equal to before the migration"
+        listed = "; ".join(f"{t}: {len(k)} rows, e.g. {k[:5]}" for t, k in kept.items())
+        return (f"equal to before the migration except rows the application changed since, "
+                f"kept: {listed}")
 
     return [timed("schema", schema), timed("content", content)]
 

@@ -129,6 +129,19 @@ class Dialect(ABC):
     def restore_tables(self, snapshot: Path, tables: list[str], drop: list[str]) -> None:
         """Replace `tables` with their content and definition in the snapshot; drop `drop`."""
 
+    # -- change capture (online migrations) -------------------------------------------------
+    def capture_triggers_sql(self, table: str, log: str, keys: list[str], watched: list[str],
+                             prefix: str) -> tuple[list[str], list[str]]:
+        """CREATE TRIGGER statements (and their names) that append the key and 'I'/'U'/'D' of
+        every application write to `log`; updates count only when they set a `watched` column."""
+        raise NotImplementedError(f"change capture is not implemented for {self.name}")
+
+    def trigger_names(self, conn: Connection, table: str) -> set[str]:
+        raise NotImplementedError(f"change capture is not implemented for {self.name}")
+
+    def drop_trigger_sql(self, name: str, table: str) -> list[str]:
+        raise NotImplementedError(f"change capture is not implemented for {self.name}")
+
     # -- behaviour under load ------------------------------------------------------------------
     transactional_ddl = True
 

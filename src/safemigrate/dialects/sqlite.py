@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,21 @@ def _install_transaction_fix(engine: Engine) -> None:
     def _begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+_COLLATE = re.compile(r"\bCOLLATE\s+[\"'`\[]?(\w+)", re.IGNORECASE)
+
+
+def _placeholder_collations(db: sqlite3.Connection) -> None:
+    """Let table definitions that name a collation only the application registers be
+    recreated on restore; anything that would really compare with one fails (and rolls back)."""
+    known = {row[1].lower() for row in db.execute("PRAGMA collation_list")}
+    sql = [row[0] or "" for row in db.execute("SELECT sql FROM snap.sqlite_master")]
+    for name in {m for text in sql for m in _COLLATE.findall(text)}:
+        if name.lower() not in known:
+            def refuse(_a: str, _b: str, name: str = name) -> int:
+                raise sqlite3.OperationalError(f"no such collation sequence: {name}")
+            db.create_collation(name, refuse)
 
 
 class SQLiteDialect(Dialect):
@@ -86,6 +102,13 @@ class SQLiteDialect(Dialect):
             return DiskFullError(f"no space left writing {self.path}: {text}")
         if "unable to open database" in lower:
             return DatabaseError(f"cannot open database {self.path}: {text}")
+        if "no such collation sequence" in lower or "no such function" in lower:
+            return DatabaseError(
+                f"SQLite error: {text.splitlines()[0]} (the schema of {self.path} uses it)",
+                "the application that made this database registers that collation or function on "
+                "its own connections, so safemigrate cannot check or maintain what depends on it; "
+                "drop or rebuild that index, trigger or view without it first",
+            )
         return DatabaseError(f"SQLite error: {text.splitlines()[0]}")
 
     def server_version(self, conn: Connection) -> str:
@@ -114,7 +137,8 @@ class SQLiteDialect(Dialect):
             fks = [list(r)[2:] for r in conn.exec_driver_sql(f"PRAGMA foreign_key_list({q})")]
             objs = conn.exec_driver_sql(
                 "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? AND type IN "
-                "('index', 'trigger') ORDER BY type, name",
+                "('index', 'trigger') AND name NOT LIKE 'safemigrate\\_%' ESCAPE '\\' "
+                "ORDER BY type, name",
                 (table,),
             ).all()
             out[table] = {
@@ -123,6 +147,33 @@ class SQLiteDialect(Dialect):
                 "objects": [[t, n, " ".join((s or "").split())] for t, n, s in objs],
             }
         return out
+
+    def trigger_names(self, conn: Connection, table: str) -> set[str]:
+        rows = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type='trigger' AND tbl_name = ?", (table,))
+        return {r[0] for r in rows}
+
+    def drop_trigger_sql(self, name: str, table: str) -> list[str]:
+        return [f"DROP TRIGGER IF EXISTS {self.quote(name)}"]
+
+    def capture_triggers_sql(self, table: str, log: str, keys: list[str], watched: list[str],
+                             prefix: str) -> tuple[list[str], list[str]]:
+        q = self.quote
+        cols = ", ".join([q(f"k_{k}") for k in keys] + ["op"])
+        new = ", ".join(f"NEW.{q(k)}" for k in keys)
+        old = ", ".join(f"OLD.{q(k)}" for k in keys)
+        moved = " OR ".join(f"OLD.{q(k)} IS NOT NEW.{q(k)}" for k in keys)
+        names = [f"{prefix}_i", f"{prefix}_u", f"{prefix}_d"]
+        insert = f"INSERT INTO {q(log)} ({cols})"
+        return [
+            f"CREATE TRIGGER {q(names[0])} AFTER INSERT ON {q(table)} "
+            f"BEGIN {insert} VALUES ({new}, 'I'); END",
+            f"CREATE TRIGGER {q(names[1])} AFTER UPDATE OF {', '.join(q(c) for c in watched)} "
+            f"ON {q(table)} BEGIN {insert} VALUES ({new}, 'U'); "
+            f"{insert} SELECT {old}, 'D' WHERE {moved}; END",
+            f"CREATE TRIGGER {q(names[2])} AFTER DELETE ON {q(table)} "
+            f"BEGIN {insert} VALUES ({old}, 'D'); END",
+        ], names
 
     def integrity_check(self, conn: Connection) -> list[str]:
         rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
@@ -171,6 +222,10 @@ class SQLiteDialect(Dialect):
         except sqlite3.Error:
             db.execute("ATTACH DATABASE ? AS snap", (str(snapshot),))
         q = self.quote
+        # Dropping a parent table with foreign keys enforced would delete its ON DELETE CASCADE
+        # children (builds with SQLITE_DEFAULT_FOREIGN_KEYS=1 enforce them on every connection).
+        db.execute("PRAGMA foreign_keys=OFF")
+        _placeholder_collations(db)
         try:
             db.execute("BEGIN IMMEDIATE")
             for table in drop:
@@ -189,7 +244,8 @@ class SQLiteDialect(Dialect):
                 db.execute(f"INSERT INTO main.{q(table)} SELECT * FROM snap.{q(table)}")
                 for (sql,) in db.execute(
                     "SELECT sql FROM snap.sqlite_master WHERE tbl_name=? AND type IN "
-                    "('index','trigger') AND sql IS NOT NULL ORDER BY type, name",
+                    "('index','trigger') AND sql IS NOT NULL "
+                    "AND name NOT LIKE 'safemigrate\\_%' ESCAPE '\\' ORDER BY type, name",
                     (table,),
                 ).fetchall():
                     db.execute(sql)

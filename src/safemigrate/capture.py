@@ -1,0 +1,145 @@
+"""Change capture: the application keeps writing while a migration runs.
+
+Triggers on each affected table append the key of every row the application inserts, updates
+(in a column the migration does not write) or deletes to a log table. The backfill drains the
+log after its scan, so rows written behind the cursor are migrated too; validation and rollback
+use it to tell the application's changes from the migration's. The migration's own updates set
+only written columns, so they do not fire the update trigger.
+
+The triggers go in just before the snapshot (so no write escapes between the two) and come out
+in cleanup, followed by one last drain. They and their log are safemigrate-owned objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .dialects import Dialect
+from .digest import reflect
+from .journal import Journal
+
+PREFIX = "safemigrate_"
+
+
+@dataclass
+class Capture:
+    """Where one table's changes are logged (JSON-able: stored in the journal)."""
+
+    table: str
+    log: str
+    keys: list[str]
+    triggers: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _short(run_id: str, table: str) -> str:
+    return f"{run_id[:8]}_{hashlib.sha1(table.encode()).hexdigest()[:8]}"
+
+
+def log_table(conn: Connection, capture: Capture) -> sa.Table:
+    return reflect(conn, capture.log)
+
+
+def install(dialect: Dialect, run_id: str, table: str, written: Iterable[str]) -> Capture:
+    """Create the log table and the triggers (idempotent: a resumed run reinstalls nothing)."""
+    short = _short(run_id, table)
+    with dialect.engine.begin() as conn:
+        source = reflect(conn, table)
+        keys = [c.name for c in source.primary_key.columns]
+        if not keys:
+            return Capture(table, "", [], [])
+        log_name = f"{PREFIX}log_{short}"
+        log = sa.Table(
+            log_name, sa.MetaData(),
+            sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                      autoincrement=True),
+            *[sa.Column(f"k_{k}", source.c[k].type) for k in keys],
+            sa.Column("op", sa.String(1), nullable=False),
+        )
+        watched = [c.name for c in source.columns if c.name not in set(written)]
+        capture = Capture(table, log_name, keys, [])
+        if not sa.inspect(conn).has_table(log_name):
+            log.create(conn)
+        statements, names = dialect.capture_triggers_sql(table, log_name, keys, watched,
+                                                         f"{PREFIX}cap_{short}")
+        existing = dialect.trigger_names(conn, table)
+        if not set(names) <= existing:
+            for name in names:
+                if name in existing:
+                    for drop in dialect.drop_trigger_sql(name, table):
+                        conn.exec_driver_sql(drop)
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+        capture.triggers = names
+    return capture
+
+
+def remove_triggers(dialect: Dialect, capture: Capture) -> None:
+    if not capture.triggers:
+        return
+    with dialect.engine.begin() as conn:
+        existing = dialect.trigger_names(conn, capture.table)
+        for name in capture.triggers:
+            if name in existing:
+                for drop in dialect.drop_trigger_sql(name, capture.table):
+                    conn.exec_driver_sql(drop)
+
+
+def drop_log(dialect: Dialect, capture: Capture) -> None:
+    remove_triggers(dialect, capture)
+    if not capture.log:
+        return
+    with dialect.engine.begin() as conn:
+        if sa.inspect(conn).has_table(capture.log):
+            sa.Table(capture.log, sa.MetaData()).drop(conn)
+
+
+def entries(conn: Connection, capture: Capture, after: int,
+            limit: int) -> list[tuple[int, tuple[Any, ...], str]]:
+    """Log entries after sequence number `after`: (seq, key, op), oldest first."""
+    log = log_table(conn, capture)
+    cols = [log.c[f"k_{k}"] for k in capture.keys]
+    rows = conn.execute(sa.select(log.c.seq, *cols, log.c.op).where(log.c.seq > after)
+                        .order_by(log.c.seq).limit(limit))
+    return [(r[0], tuple(r[1:-1]), r[-1]) for r in rows]
+
+
+def changed_keys(conn: Connection, capture: Capture, upto: int | None = None) -> set[tuple[Any, ...]]:
+    """Every key the application touched (inserted, updated or deleted) while captured."""
+    if not capture.log or not sa.inspect(conn).has_table(capture.log):
+        return set()
+    log = log_table(conn, capture)
+    query = sa.select(*[log.c[f"k_{k}"] for k in capture.keys]).distinct()
+    if upto is not None:
+        query = query.where(log.c.seq <= upto)
+    return {tuple(r) for r in conn.execute(query)}
+
+
+def last_seq(conn: Connection, capture: Capture) -> int:
+    if not capture.log:
+        return 0
+    log = log_table(conn, capture)
+    return int(conn.execute(sa.select(sa.func.max(log.c.seq))).scalar() or 0)
+
+
+def save(journal: Journal, run_id: str, captures: list[Capture]) -> None:
+    journal.set_state(f"capture:{run_id}", [c.as_dict() for c in captures])
+
+
+def load(journal: Journal, run_id: str) -> list[Capture]:
+    return [Capture(**c) for c in journal.get_state(f"capture:{run_id}") or []]
+
+
+def forget(journal: Journal, dialect: Dialect, run_id: str) -> None:
+    """Drop the triggers and logs of a run (after rollback, or when pruned)."""
+    for capture in load(journal, run_id):
+        drop_log(dialect, capture)
+    journal.set_state(f"capture:{run_id}", [])
