@@ -93,23 +93,48 @@ def remove_triggers(dialect: Dialect, capture: Capture) -> None:
                     conn.exec_driver_sql(drop)
 
 
-def drop_log(dialect: Dialect, capture: Capture) -> None:
+def drop_log(dialect: Dialect, capture: Capture, run_id: str = "") -> None:
     remove_triggers(dialect, capture)
     if not capture.log:
         return
     with dialect.engine.begin() as conn:
-        if sa.inspect(conn).has_table(capture.log):
-            sa.Table(capture.log, sa.MetaData()).drop(conn)
+        names = [n for n in sa.inspect(conn).get_table_names()
+                 if n == capture.log or (run_id and n.startswith(f"{PREFIX}drained_{run_id}_"))]
+        for name in names:
+            sa.Table(name, sa.MetaData()).drop(conn)
 
 
-def entries(conn: Connection, capture: Capture, after: int,
-            limit: int) -> list[tuple[int, tuple[Any, ...], str]]:
-    """Log entries after sequence number `after`: (seq, key, op), oldest first."""
+def drained_table(name: str) -> sa.Table:
+    return sa.Table(name, sa.MetaData(), sa.Column("seq", sa.BigInteger, primary_key=True,
+                                                    autoincrement=False))
+
+
+def drained_name(run_id: str, step_idx: int) -> str:
+    return f"{PREFIX}drained_{run_id}_{step_idx}"
+
+
+def pending(conn: Connection, capture: Capture, drained: str,
+            limit: int | None = None) -> list[tuple[int, tuple[Any, ...], str]]:
+    """Log entries a backfill step has not drained yet: (seq, key, op), oldest first.
+
+    Progress is a set of drained sequence numbers, not a high-water mark: on PostgreSQL and
+    MySQL a log entry with a lower number can commit after a higher one, and must not be
+    skipped."""
     log = log_table(conn, capture)
+    done = drained_table(drained)
+    done.create(conn, checkfirst=True)
     cols = [log.c[f"k_{k}"] for k in capture.keys]
-    rows = conn.execute(sa.select(log.c.seq, *cols, log.c.op).where(log.c.seq > after)
-                        .order_by(log.c.seq).limit(limit))
-    return [(r[0], tuple(r[1:-1]), r[-1]) for r in rows]
+    query = (sa.select(log.c.seq, *cols, log.c.op)
+             .where(~sa.exists(sa.select(1).select_from(done).where(done.c.seq == log.c.seq)))
+             .order_by(log.c.seq))
+    if limit is not None:
+        query = query.limit(limit)
+    return [(r[0], tuple(r[1:-1]), r[-1]) for r in conn.execute(query)]
+
+
+def mark_drained(conn: Connection, drained: str, seqs: list[int]) -> None:
+    if seqs:
+        conn.execute(drained_table(drained).insert(), [{"seq": s} for s in seqs])
 
 
 def changed_keys(conn: Connection, capture: Capture, upto: int | None = None) -> set[tuple[Any, ...]]:
@@ -123,11 +148,6 @@ def changed_keys(conn: Connection, capture: Capture, upto: int | None = None) ->
     return {tuple(r) for r in conn.execute(query)}
 
 
-def last_seq(conn: Connection, capture: Capture) -> int:
-    if not capture.log:
-        return 0
-    log = log_table(conn, capture)
-    return int(conn.execute(sa.select(sa.func.max(log.c.seq))).scalar() or 0)
 
 
 def save(journal: Journal, run_id: str, captures: list[Capture]) -> None:
@@ -141,5 +161,5 @@ def load(journal: Journal, run_id: str) -> list[Capture]:
 def forget(journal: Journal, dialect: Dialect, run_id: str) -> None:
     """Drop the triggers and logs of a run (after rollback, or when pruned)."""
     for capture in load(journal, run_id):
-        drop_log(dialect, capture)
+        drop_log(dialect, capture, run_id)
     journal.set_state(f"capture:{run_id}", [])

@@ -21,9 +21,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._exceptions import AbortedError, MigrationFileError, SafeMigrateError
+from ._exceptions import AbortedError, DatabaseLockedError, MigrationFileError, SafeMigrateError
 from .capture import Capture
-from .capture import entries as capture_entries
+from .capture import drained_name as capture_drained_name
+from .capture import mark_drained as capture_mark_drained
+from .capture import pending as capture_pending
 from .dialects import Dialect
 from .digest import reflect
 from .events import Event, EventBus
@@ -251,8 +253,7 @@ class BackfillExecutor:
             query = base.limit(self.batch_size)  # the batch size may be re-tuned between batches
             if last is not None:
                 query = query.where(pk[0] > last[0] if n_key == 1 else sa.tuple_(*pk) > sa.tuple_(*last))
-            with self.dialect.engine.connect() as conn:
-                rows = [tuple(r) for r in conn.execute(query)]
+            rows = self._retry_locked("read", lambda query=query: self._read(query))
             if not rows:
                 return
             last = rows[-1][:n_key]
@@ -297,13 +298,49 @@ class BackfillExecutor:
     def _write(self, update: sa.Update, n_key: int, rows: list[tuple[Any, ...]],
                ok: list[tuple[Key, dict[str, Any]]], bad: list[tuple[Key, dict[str, Any], str]]) -> None:
         last_key = list(rows[-1][:n_key])
-        with self.dialect.engine.begin() as conn:
-            self._apply_outcome(conn, update, ok, bad)
-            self.journal.update_step(
-                conn, self.run_id, self.step_idx, checkpoint=last_key,
-                rows_done=steps_table.c.rows_done + len(rows),
-                rows_quarantined=steps_table.c.rows_quarantined + len(bad),
-            )
+
+        def commit() -> None:
+            with self.dialect.engine.begin() as conn:
+                self._apply_outcome(conn, update, ok, bad)
+                self.journal.update_step(
+                    conn, self.run_id, self.step_idx, checkpoint=last_key,
+                    rows_done=steps_table.c.rows_done + len(rows),
+                    rows_quarantined=steps_table.c.rows_quarantined + len(bad),
+                )
+        self._retry_locked("write", commit)
+
+    # A batch whose lock wait timed out is retried after 0.5, 1, 2, 4 s (as pgroll and pt-osc
+    # do), each retry announced as an alert, then the run stops with DatabaseLockedError.
+    lock_retries = 4
+    lock_backoff = 0.5
+
+    def _read(self, query: sa.Select) -> list[tuple[Any, ...]]:
+        with self.dialect.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    def _retry_locked(self, what: str, action: Callable[[], Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except sa.exc.DBAPIError as exc:
+                if not self.dialect.is_lock_timeout(exc):
+                    raise
+                reason = self.dialect.translate_error(exc).message
+                if attempt >= self.lock_retries:
+                    raise DatabaseLockedError(
+                        f"lock wait: gave up on a batch {what} of {self.step.table} after "
+                        f"{attempt + 1} attempts: {reason}",
+                        "another session holds a lock on the table for long; committed batches are "
+                        "safe and `safemigrate run` resumes",
+                    ) from None
+                delay = self.lock_backoff * 2 ** attempt
+                attempt += 1
+                self.bus.emit(Event(
+                    "alert", f"lock wait: retrying batch {what} of {self.step.table} in {delay:g}s "
+                    f"(attempt {attempt} of {self.lock_retries})", self.run_id, level="warning",
+                    data={"step": self.step_idx, "attempt": attempt, "delay": delay, "error": reason}))
+                time.sleep(delay)
 
     def _apply_outcome(self, conn: Connection, update: sa.Update, ok: list[tuple[Key, dict[str, Any]]],
                        bad: list[tuple[Key, dict[str, Any], str]]) -> None:
@@ -334,11 +371,10 @@ class BackfillExecutor:
         update = self._update_statement(table, pk)
         select = sa.select(*[table.c[n] for n in names])
         key_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
+        drained = capture_drained_name(self.run_id, self.step_idx)
         while True:
             with self.dialect.engine.begin() as conn:
-                after = conn.execute(sa.select(steps_table.c.queue_seq).where(
-                    steps_table.c.run_id == self.run_id, steps_table.c.idx == self.step_idx)).scalar() or 0
-                batch = capture_entries(conn, capture, after, self.batch_size)
+                batch = capture_pending(conn, capture, drained, self.batch_size)
                 if not batch:
                     break
                 keys = list(dict.fromkeys(key for _, key, _ in batch))
@@ -348,8 +384,9 @@ class BackfillExecutor:
                 retried = [k for k, _ in ok] + [k for k, _, _ in bad]
                 released = self.journal.unquarantine(conn, self.run_id, self.step_idx, retried)
                 self._apply_outcome(conn, update, ok, bad)
+                capture_mark_drained(conn, drained, [seq for seq, _, _ in batch])
                 self.journal.update_step(
-                    conn, self.run_id, self.step_idx, queue_seq=batch[-1][0],
+                    conn, self.run_id, self.step_idx,
                     rows_quarantined=steps_table.c.rows_quarantined - released + len(bad))
             processed += len(rows)
         if processed:

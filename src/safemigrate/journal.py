@@ -16,9 +16,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.mysql import LONGTEXT
 from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
+# Timestamps are DOUBLE everywhere (MySQL's FLOAT is single precision: 1.7e9 would lose
+# minutes). JSON that grows with the data is LONGTEXT on MySQL, whose TEXT stops at 64 KB.
+LongText = sa.Text().with_variant(LONGTEXT(), "mysql", "mariadb")
 
 runs = sa.Table(
     "safemigrate_runs", metadata,
@@ -27,14 +31,14 @@ runs = sa.Table(
     sa.Column("checksum", sa.String(64), nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("phase", sa.String(20), nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
     sa.Column("error", sa.Text),
     sa.Column("hostname", sa.String(255)),
     sa.Column("pid", sa.Integer),
     sa.Column("tool_version", sa.String(32)),
-    sa.Column("baseline", sa.Text),  # JSON: pre-migration schema and digests
+    sa.Column("baseline", LongText),  # JSON: pre-migration schema and digests
     sa.Column("options", sa.Text),  # JSON: batch size, workers, backup dir
 )
 
@@ -43,8 +47,8 @@ phases = sa.Table(
     sa.Column("run_id", sa.String(32), primary_key=True),
     sa.Column("name", sa.String(20), primary_key=True),
     sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
     sa.Column("error", sa.Text),
 )
 
@@ -56,26 +60,25 @@ steps = sa.Table(
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("phase", sa.String(20), nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("state", sa.Text),  # JSON: what revert needs
+    sa.Column("state", LongText),  # JSON: what revert needs
     sa.Column("checkpoint", sa.Text),  # JSON: last primary key committed
     sa.Column("rows_total", sa.BigInteger),
     sa.Column("rows_done", sa.BigInteger, nullable=False, default=0),
     sa.Column("rows_quarantined", sa.BigInteger, nullable=False, default=0),
-    sa.Column("queue_seq", sa.BigInteger, nullable=False, default=0),  # change log drained up to
-    sa.Column("started_at", sa.Float),
-    sa.Column("updated_at", sa.Float),
-    sa.Column("finished_at", sa.Float),
+    sa.Column("started_at", sa.Double),
+    sa.Column("updated_at", sa.Double),
+    sa.Column("finished_at", sa.Double),
 )
 
 events = sa.Table(
     "safemigrate_events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.String(32), index=True),
-    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
     sa.Column("level", sa.String(10), nullable=False),
     sa.Column("kind", sa.String(40), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
-    sa.Column("data", sa.Text),
+    sa.Column("data", LongText),
 )
 
 quarantine = sa.Table(
@@ -85,9 +88,9 @@ quarantine = sa.Table(
     sa.Column("step_idx", sa.Integer, nullable=False),
     sa.Column("table_name", sa.String(255), nullable=False),
     sa.Column("pk", sa.Text, nullable=False),
-    sa.Column("row_data", sa.Text),
+    sa.Column("row_data", LongText),
     sa.Column("error", sa.Text, nullable=False),
-    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
 )
 
 backups = sa.Table(
@@ -99,8 +102,8 @@ backups = sa.Table(
     sa.Column("sha256", sa.String(64)),
     sa.Column("size", sa.BigInteger),
     sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("verified_at", sa.Float),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("verified_at", sa.Double),
     sa.Column("manifest", sa.Text),
 )
 
@@ -109,7 +112,7 @@ applied = sa.Table(
     sa.Column("migration_id", sa.String(255), primary_key=True),
     sa.Column("checksum", sa.String(64), nullable=False),
     sa.Column("run_id", sa.String(32), nullable=False),
-    sa.Column("applied_at", sa.Float, nullable=False),
+    sa.Column("applied_at", sa.Double, nullable=False),
 )
 
 lock = sa.Table(
@@ -119,15 +122,15 @@ lock = sa.Table(
     sa.Column("run_id", sa.String(32)),
     sa.Column("hostname", sa.String(255), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("acquired_at", sa.Float, nullable=False),
-    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("acquired_at", sa.Double, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
 )
 
 state = sa.Table(
     "safemigrate_state", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text),
-    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("value", LongText),
+    sa.Column("updated_at", sa.Double, nullable=False),
 )
 
 requests = sa.Table(  # rollback requests: who asked, why, how urgently, and what became of it
@@ -139,10 +142,10 @@ requests = sa.Table(  # rollback requests: who asked, why, how urgently, and wha
     sa.Column("strategy", sa.String(20), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("requested_by", sa.String(255), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
     sa.Column("decided_by", sa.String(255)),
-    sa.Column("decided_at", sa.Float),
+    sa.Column("decided_at", sa.Double),
     sa.Column("outcome", sa.Text),
 )
 
@@ -242,7 +245,7 @@ class Journal:
         now = time.time()
         for row in rows:
             conn.execute(steps.insert().values(run_id=run_id, status="pending", rows_done=0,
-                                               rows_quarantined=0, queue_seq=0, updated_at=now,
+                                               rows_quarantined=0, updated_at=now,
                                                **row))
 
     def update_step(self, conn: Connection | None, run_id: str, idx: int, **fields: Any) -> None:

@@ -17,19 +17,26 @@ from . import capture
 from ._exceptions import (
     AbortedError,
     ChecksumMismatchError,
+    GuardTrippedError,
     MigrationFileError,
-    NotReadyError,
     SafeMigrateError,
     ValidationError,
 )
 from ._version import __version__
-from .backup import Snapshot, load_manifest, take_snapshot, verify_snapshot_file
+from .backup import (
+    Snapshot,
+    backup_settings,
+    plain_snapshot,
+    record_layer,
+    take_snapshot,
+    verify_run_backup,
+)
 from .ddl import run_schema_step
 from .digest import reflect
 from .engine import BackfillExecutor
 from .events import Event
 from .migration import PHASES, Migration
-from .shadow import create_shadow
+from .shadow import create_shadow, shadow_rows
 from .steps import Backfill
 from .validate import (
     CheckResult,
@@ -73,6 +80,7 @@ class Runner:
         self.settings = migrator.settings
         self.run_id = ""
         self.result: RunResult | None = None
+        self._backup: Snapshot | None = None  # this run's backup, once verified
 
     # -- helpers -------------------------------------------------------------------------------
     def emit(self, kind: str, message: str, level: str = "info", **data: Any) -> None:
@@ -87,6 +95,7 @@ class Runner:
                     "restore the file as it was, or `safemigrate rollback` that run first",
                 )
             self.run_id = run["id"]
+            self._verify_backup()  # never go on with a corrupted backup; the run stays as it was
             self.journal.update_run(None, self.run_id, status="running", error=None)
             self.emit("run.resumed", f"resuming run {self.run_id} of {self.migration.id} "
                       f"from phase {run['phase']}", migration=self.migration.id, phase=run["phase"])
@@ -120,6 +129,7 @@ class Runner:
                 if phase in done_phases:
                     continue
                 current = phase
+                self.m.between_steps()  # pause, abort, a tripped guard, a failed on-start hook
                 self.journal.phase(self.run_id, phase, "running")
                 self.emit("phase.started", f"phase {phase}", phase=phase)
                 getattr(self, f"_phase_{phase}")(run)
@@ -130,6 +140,8 @@ class Runner:
             self.journal.update_run(None, self.run_id, status="interrupted", error=exc.message)
             self.emit("run.interrupted", exc.message, "warning", phase=current)
             raise
+        except GuardTrippedError as exc:
+            self._tripped(current, exc)
         except ValidationError:
             raise
         except SafeMigrateError as exc:
@@ -154,6 +166,20 @@ class Runner:
             self.journal.phase(self.run_id, phase, "failed", message)
         self.journal.update_run(None, self.run_id, status="failed", error=message)
         self.emit("run.failed", message, "error", phase=phase)
+
+    def _tripped(self, phase: str, exc: GuardTrippedError) -> None:
+        """A guard tripped (or an immediate rollback was requested): journal the decision with
+        its figures, roll back, exit 3."""
+        if phase:
+            self.journal.phase(self.run_id, phase, "failed", exc.message)
+        self.emit("guard.decision", f"automatic rollback ({exc.strategy}) of run {self.run_id}",
+                  "critical",
+                  guard=exc.guard, decision="rollback", strategy=exc.strategy, figures=exc.figures,
+                  request_id=exc.request_id)
+        self.m.rollback_run(self.run_id, strategy=exc.strategy, reason=exc.message, locked=True)
+        raise GuardTrippedError(f"{exc.message}; the run was rolled back ({exc.strategy})",
+                                guard=exc.guard, figures=exc.figures, strategy=exc.strategy,
+                                request_id=exc.request_id) from None
 
     # -- phases --------------------------------------------------------------------------------
     def _phase_preparation(self, run: dict[str, Any]) -> None:
@@ -196,11 +222,16 @@ class Runner:
             with self.dialect.engine.begin() as conn:
                 columns = [c for c in step.writes if c in reflect(conn, step.table).c]
                 name = create_shadow(conn, self.run_id, idx, step.table, columns) if columns else None
+                rows = shadow_rows(conn, step.table, name) if name else 0
                 self.journal.update_step(conn, self.run_id, idx,
                                          state={"shadow": name, "columns": columns})
             if name:
                 self.journal.event(self.run_id, "backup.shadow",
                                    f"shadow copy of {step.table}({', '.join(columns)}) in {name}")
+                record_layer(self.journal, snapshot.id, snapshot.manifest_path, {
+                    "layer": "shadow", "location": f"table {name}", "table": step.table,
+                    "step": idx, "columns": columns, "rows": rows, "status": "verified",
+                    "verified_at": time.time()})
 
     def _install_capture(self, tables: list[str]) -> list[capture.Capture]:
         """Change capture on every affected table, before the snapshot so no write escapes."""
@@ -256,34 +287,48 @@ class Runner:
         conn.execute(sa.text(f"EXPLAIN UPDATE {q(table)} SET {sets} WHERE 1 = 0"))
 
     def _run_own_checks(self) -> None:
-        problems = []
-        with self.dialect.engine.connect() as conn:
-            issues = self.dialect.integrity_check(conn)
-            if issues:
-                problems.append(f"integrity check: {issues[0]}")
-            for check in self.migration.checks:
-                try:
-                    if check(conn) is False:
-                        problems.append(f"{check.__name__} returned False")
-                except Exception as exc:  # noqa: BLE001 - a failing check is a verdict
-                    problems.append(f"{check.__name__}: {exc}")
-        if problems:
-            raise NotReadyError(f"{self.migration.id} is not ready: {'; '.join(problems)}")
+        """The full pre-migration check suite (safemigrate.checks) for this migration; every
+        outcome and every skip (with who and why) is journaled. Not ready: nothing changes."""
+        from .checks import journal_report, not_ready_error, preflight
+
+        report = preflight(self.m, migrations=[self.migration], run_id=self.run_id,
+                           skip=self.m.skip_checks)
+        journal_report(self.m, self.run_id, report)
+        for outcome in report.checks:
+            if outcome.verdict in ("warning", "skipped"):
+                self.emit(f"check.{outcome.verdict}", f"check {outcome.name} {outcome.verdict}: "
+                          f"{outcome.details}", "warning", check=outcome.name)
+        self.emit("checks.completed", f"pre-migration checks: {report.summary()}",
+                  "info" if report.ready else "error", ready=report.ready, counts=report.counts())
+        if not report.ready:
+            raise not_ready_error(report, self.migration.id)
+
+    def _notify(self, kind: str, message: str, level: str) -> None:
+        self.emit(kind, message, level)
+
+    def _verify_backup(self) -> Snapshot | None:
+        """Re-check this run's backup before using it again (resume): a corrupted or missing
+        snapshot stops here, with the run left as it was."""
+        if self._backup is not None:
+            return self._backup
+        for record in self.journal.backups(self.run_id, kind="snapshot"):
+            if record["status"] == "verified":
+                self._backup = verify_run_backup(self.dialect, self.journal, record,
+                                                 backup_settings(self.settings), notify=self._notify)
+                return self._backup
+        return None
 
     def _snapshot(self, tables: list[str]) -> Snapshot:
         """The verified snapshot of this run: taken now, or reused (and re-checked) on resume."""
-        for record in self.journal.backups(self.run_id, kind="snapshot"):
-            if record["status"] != "verified":
-                continue
-            path = Path(record["location"])
-            manifest = load_manifest(path)
-            verify_snapshot_file(self.dialect, path, record["sha256"], None)
-            return Snapshot(record["id"], path, record["sha256"], record["size"],
-                            manifest["tables"], path.with_suffix(".json"))
+        reused = self._verify_backup()
+        if reused is not None:
+            return reused
         self.emit("backup.started", "taking a verified snapshot before any change")
         snapshot = take_snapshot(self.dialect, self.journal, self.settings.backup_dir,
                                  run_id=self.run_id, kind="snapshot", tables=tables,
-                                 label=self.migration.id)
+                                 label=self.migration.id, config=backup_settings(self.settings),
+                                 migration=self.migration.id, notify=self._notify)
+        self._backup = snapshot
         self.emit("backup.verified", f"snapshot {snapshot.path.name} verified "
                   f"({snapshot.size / 1e6:.1f} MB, sha256 {snapshot.sha256[:12]})",
                   path=str(snapshot.path), size=snapshot.size, sha256=snapshot.sha256)
@@ -307,6 +352,7 @@ class Runner:
             self.emit("step.completed", step.describe(), step=idx)
             if self.m.stop.is_set():
                 raise AbortedError(f"stopped after step {idx}: {self.m.stop.reason}")
+            self.m.between_steps()
 
     def _phase_structure(self, run: dict[str, Any]) -> None:
         self._apply_steps("structure")
@@ -322,17 +368,18 @@ class Runner:
             changed = {t: capture.changed_keys(conn, c) for t, c in captures.items()}
         snapshot = next((Path(b["location"]) for b in self.journal.backups(self.run_id, kind="snapshot")
                          if b["id"] == baseline.get("snapshot_id")), None)
-        results = [integrity(self.dialect),
-                   untouched_columns(self.dialect, self.migration, baseline, changed, snapshot)]
+        with plain_snapshot(self.dialect, snapshot, needed=any(changed.values())) as path:
+            results = [integrity(self.dialect),
+                       untouched_columns(self.dialect, self.migration, baseline, changed, path)]
         step_rows = {s["idx"]: s for s in self.journal.steps(self.run_id)}
         for idx, step in enumerate(self.migration.steps):
             if isinstance(step, Backfill):
                 existing = step_rows[idx]["state"].get("columns", [])
                 pending: set[tuple[Any, ...]] = set()
                 if step.table in captures:
-                    with self.dialect.engine.connect() as conn:
-                        pending = {k for _, k, _ in capture.entries(
-                            conn, captures[step.table], step_rows[idx]["queue_seq"], 10**9)}
+                    with self.dialect.engine.begin() as conn:
+                        pending = {k for _, k, _ in capture.pending(
+                            conn, captures[step.table], capture.drained_name(self.run_id, idx))}
                 results.append(backfill_rows(self.dialect, self.journal, self.run_id, idx, step,
                                              existing, self.settings.batch_size,
                                              changed.get(step.table), pending))
