@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from backends import create_database, drop_database, engine_for
 
+from backends import create_database, drop_database, engine_for
 from safemigrate.examples.cards.generate import generate, generate_into
 from safemigrate.examples.cards.transform import optimize_card
 from safemigrate.migrator import Migrator
