@@ -15,6 +15,7 @@
     ├── IrreversibleError                 a rollback would need an inverse that does not exist
     ├── ValidationError                   the migrated data does not validate (exit 3 after auto-rollback)
     ├── RollbackError                     rollback could not prove the original state
+    ├── GuardTrippedError                 a guard tripped or a rollback was requested (exit 3)
     └── AbortedError                      the run was stopped on request (resumable)
 """
 
@@ -63,7 +64,8 @@ class NotADatabaseError(DatabaseError):
 
 
 class DatabaseLockedError(DatabaseError):
-    default_hint = "another connection holds a write lock; finish it or retry with a longer --lock-timeout"
+    default_hint = ("another connection holds a write lock; finish it, or retry with a longer "
+                    "lock_timeout in safemigrate.toml")
 
 
 class LockHeldError(SafeMigrateError):
@@ -93,6 +95,23 @@ class ValidationError(SafeMigrateError):
 
 class RollbackError(SafeMigrateError):
     default_hint = "the pre-rollback backup is listed in `safemigrate history`; do not write to the database"
+
+
+class GuardTrippedError(SafeMigrateError):
+    """A guard tripped (or an operator asked for an immediate rollback) during a run; the runner
+    rolls the run back and exits 3. Carries the guard's name, figures and rollback strategy."""
+
+    exit_code = 3
+    default_hint = "the run was rolled back; `safemigrate history` shows the guard's figures"
+
+    def __init__(self, message: str, hint: str | None = None, *, guard: str = "",
+                 figures: dict | None = None, strategy: str = "reverse",
+                 request_id: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.guard = guard
+        self.figures = dict(figures or {})
+        self.strategy = strategy
+        self.request_id = request_id
 
 
 class AbortedError(SafeMigrateError):
