@@ -23,6 +23,7 @@ from .rollback import RollbackExecutor, RollbackPlan, RollbackResult, migration_
 from .runner import Runner, RunResult
 from .settings import Settings
 from .steps import Backfill
+from .supervisor import Supervisor, attach_outputs
 from .urls import normalize_url, redact
 from .validate import CheckResult, integrity, invariants, smoke_checks, timed
 
@@ -66,6 +67,9 @@ class Migrator:
         self.between_batches: BatchHook | None = None
         self._lock: RunLock | None = None
         self._journal_ready = False
+        self.supervisor: Supervisor | None = None  # set while `run()` supervises a run
+        self.skip_checks: dict[str, str] = {}  # check name (or glob) -> reason, for `run`
+        self.outputs = attach_outputs(self)  # notifications and hooks
 
     @property
     def journal_ready(self) -> bool:
@@ -77,6 +81,7 @@ class Migrator:
         return redact(self.url)
 
     def close(self) -> None:
+        self.outputs.close()
         self.dialect.dispose()
 
     def __enter__(self) -> Migrator:
@@ -90,7 +95,8 @@ class Migrator:
         if event.kind in PROGRESS_KINDS or not self._journal_ready:
             return
         if event.kind.startswith(("run.", "phase.", "step.", "rollback.started", "validation.",
-                                  "quarantine", "alert", "guard", "lock")):
+                                  "quarantine", "alert", "guard", "lock", "control", "request",
+                                  "hook")):
             self.journal.event(event.run_id, event.kind, event.message, event.level, event.data)
 
     def _open(self, *, write: bool) -> None:
@@ -114,12 +120,17 @@ class Migrator:
             self.stop.set("the run lock was taken over by another process")
         return None
 
+    def between_steps(self) -> None:
+        """The runner calls this between phases and schema steps: pause, abort, trips."""
+        if self.supervisor is not None:
+            self.supervisor.between_steps()
+
     def dialect_analyze(self, tables: list[str]) -> None:
         with self.dialect.engine.begin() as conn:
             existing = set(self.dialect.user_tables(conn))
             for table in tables:
                 if table in existing:
-                    conn.exec_driver_sql(f"ANALYZE {self.dialect.quote(table)}")
+                    conn.exec_driver_sql(self.dialect.analyze_sql(table))
 
     # -- migrations ----------------------------------------------------------------------------
     def migrations(self) -> list[Migration]:
@@ -175,11 +186,21 @@ class Migrator:
         return out
 
     # -- run -------------------------------------------------------------------------------------
-    def run(self) -> list[RunResult]:
-        """Apply every pending migration (resuming an unfinished run first)."""
+    def run(self, skip_checks: dict[str, str] | None = None) -> list[RunResult]:
+        """Apply every pending migration (resuming an unfinished run first). `skip_checks`
+        maps pre-migration check names (or globs) to the reason they are skipped (journaled)."""
+        from .checks import validate_skips
+
+        # Bad input (a broken or edited migration file) fails before a byte is written:
+        # not even the journal or the lock.
+        self._open(write=False)
+        pending = self.pending()
+        if skip_checks is not None:
+            validate_skips(self, skip_checks, pending)
+            self.skip_checks = dict(skip_checks)
         self._open(write=True)
         results = []
-        with self._locked("run"):
+        with self._locked("run"), Supervisor(self):
             unfinished = self.journal.unfinished_run()
             if unfinished is not None and unfinished["status"] == "rolling_back":
                 raise UsageError(
@@ -207,10 +228,12 @@ class Migrator:
             if run is None:
                 raise UsageError(f"no run {run_id!r}", "see `safemigrate history` for run ids")
             return run
-        for run in self.journal.runs():
-            if run["status"] != "rolled_back":
-                return run
-        raise UsageError("there is no run to roll back", "see `safemigrate history`")
+        latest = self.journal.runs(limit=1)
+        if not latest:
+            raise UsageError("there is no run to roll back", "see `safemigrate history`")
+        # Always the latest run: after a rollback that crashed at its very end, a second
+        # `rollback` must not quietly move on to the run before it.
+        return latest[0]
 
     def _executor(self, run_id: str | None, strategy: str, reason: str) -> RollbackExecutor:
         run = self._rollback_target(run_id)

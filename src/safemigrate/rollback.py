@@ -25,7 +25,7 @@ from ._exceptions import (
     RollbackError,
     UsageError,
 )
-from .backup import take_snapshot, verify_backup_record
+from .backup import plain_snapshot, take_snapshot, verify_backup_record
 from .ddl import run_schema_step
 from .digest import reflect, row_differences
 from .events import Event
@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     from .migrator import Migrator
 
 STRATEGIES = ("reverse", "restore")
+
+
+class AlreadyRolledBack(UsageError):
+    """The run is rolled back already: `rollback` is idempotent, so this is not a failure."""
+
+    exit_code = 0
 
 
 @dataclass
@@ -93,7 +99,10 @@ class RollbackExecutor:
 
     def prerequisites(self) -> RollbackPlan:
         if self.run["status"] == "rolled_back":
-            raise UsageError(f"run {self.run_id} is already rolled back")
+            raise AlreadyRolledBack(
+                f"run {self.run_id} ({self.run['migration_id']}) is already rolled back; nothing to do",
+                "to roll back an earlier run, name it: safemigrate rollback --run ID",
+            )
         later = [r for r in self.journal.runs() if r["started_at"] > self.run["started_at"]
                  and r["status"] in ("completed", "running", "interrupted", "failed")]
         if later:
@@ -235,9 +244,10 @@ class RollbackExecutor:
     def _restore(self) -> None:
         baseline = self.run["baseline"]
         snapshot = self._snapshot_record()
-        self._export_application_changes(Path(snapshot["location"]))
-        self.dialect.restore_tables(Path(snapshot["location"]), baseline["tables"],
-                                    baseline["created"])
+        with plain_snapshot(self.dialect, snapshot["location"]) as path:  # decompressed if need be
+            assert path is not None
+            self._export_application_changes(path)
+            self.dialect.restore_tables(path, baseline["tables"], baseline["created"])
         changed = self._changed_steps()  # read before BEGIN IMMEDIATE: its own connection would wait
         with self.dialect.engine.begin() as conn:
             for row in changed:
@@ -257,7 +267,9 @@ class RollbackExecutor:
                 step = self.migration.steps[row["idx"]]
                 if isinstance(step, Backfill) and row["state"].get("columns"):
                     restored.setdefault(step.table, set()).update(row["state"]["columns"])
-        results = [integrity(self.dialect)] + schema_and_content(self.dialect, baseline, snapshot, restored)
+        with plain_snapshot(self.dialect, snapshot) as path:  # decompressed if need be
+            results = [integrity(self.dialect)] + schema_and_content(self.dialect, baseline, path,
+                                                                     restored)
         for result in results:
             self.journal.event(self.run_id, "rollback.check",
                                f"{result.name}: {'passed' if result.passed else 'FAILED'} "

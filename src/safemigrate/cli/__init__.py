@@ -28,7 +28,15 @@ from ..migrator import Migrator
 from ..settings import CONFIG_FILE, Settings, load_settings
 from ..validate import failed
 from . import templates
-from .render import ConsoleRenderer, JsonLines, checks_table, fmt_bytes, fmt_seconds, fmt_time
+from .render import (
+    ConsoleRenderer,
+    JsonLines,
+    checks_table,
+    fmt_bytes,
+    fmt_seconds,
+    fmt_time,
+    report_table,
+)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -47,6 +55,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except SafeMigrateError as exc:
+            if exc.exit_code == 0:  # nothing to do (e.g. already rolled back): say so, succeed
+                out.print(exc.message, markup=False)
+                sys.exit(0)
             _fail(exc)
         except KeyboardInterrupt:
             err.print("error: interrupted (hint: committed batches are safe; "
@@ -140,23 +151,24 @@ def new(name: str, db: str | None, migrations: Path | None, backup_dir: Path | N
 # -- check / plan -------------------------------------------------------------------------------
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--full", is_flag=True,
+              help="Full integrity check and every row through each Backfill (not a sample).")
 @common
 @handle_errors
-def check(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
-          yes: bool) -> None:
-    """Run the pre-migration checks; exit 1 when not ready."""
-    from ..checks import run_checks
+def check(as_json: bool, full: bool, db: str | None, migrations: Path | None,
+          backup_dir: Path | None, yes: bool) -> None:
+    """Run the pre-migration checks; exit 1 when a required check fails."""
+    from ..checks import preflight
 
     with migrator_from(settings_from(db, migrations, backup_dir)) as m:
-        results = run_checks(m)
-    ready = not failed(results)
+        report = preflight(m, full=full)
     if as_json:
-        print_json({"ready": ready, "checks": [r.as_dict() for r in results]})
+        print_json(report.as_dict())
     else:
-        out.print(checks_table(f"pre-migration checks: {m.display_url}",
-                               [r.as_dict() for r in results]))
-        out.print("[bold green]ready[/]" if ready else "[bold red]NOT READY[/]")
-    sys.exit(0 if ready else 1)
+        out.print(report_table(f"pre-migration checks: {report.database}", report.as_dict()))
+        out.print("[bold green]ready[/]" if report.ready else "[bold red]NOT READY[/]",
+                  f"({report.summary()})")
+    sys.exit(0 if report.ready else 1)
 
 
 @main.command()
@@ -198,23 +210,36 @@ def plan(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Pat
 @click.option("--workers", type=int, default=None, help="Transform processes (default: CPU count).")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch (default 2000).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on 127.0.0.1:PORT during the run.")
+@click.option("--skip-check", "skip_check", multiple=True, metavar="NAME",
+              help="Skip a pre-migration check (repeatable; globs like 'sample:*'); needs --reason.")
+@click.option("--reason", "skip_reason", default=None,
+              help="Why the checks are skipped (journaled with user@host).")
 @common
 @handle_errors
-def run(as_json: bool, workers: int | None, batch_size: int | None, dry_run: bool, db: str | None,
-        migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
+def run(as_json: bool, workers: int | None, batch_size: int | None, dry_run: bool,
+        metrics_port: int | None, skip_check: tuple[str, ...], skip_reason: str | None,
+        db: str | None, migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
     """Apply pending migrations through all phases; resume an interrupted run."""
+    if skip_check and not (skip_reason or "").strip():
+        raise UsageError("--skip-check needs --reason TEXT", "the skip is journaled with who and why")
+    if skip_reason and not skip_check:
+        raise UsageError("--reason without --skip-check", "name the check: --skip-check NAME")
     if dry_run:
         click.get_current_context().invoke(plan, as_json=as_json, db=db, migrations=migrations,
                                            backup_dir=backup_dir, yes=yes)
         return
     settings = settings_from(db, migrations, backup_dir, workers=workers, batch_size=batch_size)
+    if metrics_port:
+        settings.sections["monitor"] = {**settings.section("monitor"), "metrics_port": metrics_port}
     bus = EventBus()
     renderer = JsonLines() if as_json else ConsoleRenderer(out)
     bus.subscribe(renderer)
     with migrator_from(settings, bus) as m:
         _install_stop_handlers(m)
         try:
-            results = m.run()
+            results = m.run({name: str(skip_reason) for name in skip_check} if skip_check else None)
         finally:
             if isinstance(renderer, ConsoleRenderer):
                 renderer.close()
@@ -264,6 +289,7 @@ def status(as_json: bool, db: str | None, migrations: Path | None, backup_dir: P
     run_info = info.get("run")
     if not run_info:
         out.print("no runs yet")
+        print_live(info)
         return
     style = {"completed": "green", "rolled_back": "yellow", "running": "cyan"}.get(
         run_info["status"], "bold red")
@@ -287,6 +313,7 @@ def status(as_json: bool, db: str | None, migrations: Path | None, backup_dir: P
         out.print(f"[bold red]error:[/] {run_info['error']}")
     for e in run_info["errors"]:
         out.print(f"[red]{fmt_time(e['ts'])} {e['kind']}: {e['message']}[/]")
+    print_live(info)
 
 
 @main.command()
@@ -316,18 +343,37 @@ def history(as_json: bool, limit: int, events: bool, db: str | None, migrations:
 
 
 # -- rollback / verify -----------------------------------------------------------------------------
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--run", "run_id", default=None, help="Run to roll back (default: the last one).")
 @click.option("--strategy", type=click.Choice(["reverse", "restore"]), default="reverse",
               show_default=True, help="Undo the steps, or restore the tables from the snapshot.")
-@click.option("--reason", default="requested by operator", help="Why (journaled).")
+@click.option("--reason", default=None, help="Why (journaled).")
 @click.option("--dry-run", is_flag=True, help="Print the rollback plan and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--priority", type=click.Choice(["low", "medium", "high", "critical"]), default=None,
+              help="Record a rollback request instead: high and critical stop a running migration "
+              "and roll back at once; low and medium wait for `rollback approve ID`.")
+@click.option("--requested-by", default=None, help="Who asks (journaled; default user@host).")
+@click.option("--wait/--no-wait", default=True, help="With --priority: wait for the rollback's outcome.")
 @common
 @handle_errors
-def rollback(run_id: str | None, strategy: str, reason: str, dry_run: bool, as_json: bool,
+@click.pass_context
+def rollback(ctx: click.Context, run_id: str | None, strategy: str, reason: str | None,
+             dry_run: bool, as_json: bool, priority: str | None, requested_by: str | None, wait: bool,
              db: str | None, migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
-    """Roll back the last (or a given) run to exactly the state it started from."""
+    """Roll back the last (or a given) run to exactly the state it started from; or request a
+    rollback (--priority), and approve or reject requests (`rollback approve|reject ID`)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"db": db, "migrations": migrations, "backup_dir": backup_dir}
+        return
+    if priority is not None:
+        from .control import request_rollback
+
+        request_rollback(run_id=run_id, strategy=strategy, reason=reason, priority=priority,
+                         requested_by=requested_by, wait=wait, as_json=as_json, db=db,
+                         migrations=migrations, backup_dir=backup_dir)
+        return
+    reason = (reason or "requested by operator") + (f" (by {requested_by})" if requested_by else "")
     bus = EventBus()
     renderer = JsonLines() if as_json else ConsoleRenderer(out)
     with migrator_from(settings_from(db, migrations, backup_dir), bus) as m:
@@ -417,3 +463,17 @@ def demo(rows: int, bad_rate: float, workers: int | None, keep: Path | None,
     out.print(table)
     if bad_verify or (not no_rollback and not summary.restored_identical):
         sys.exit(1)
+
+
+from .degrade import degrade as _degrade  # noqa: E402 - registered once `main` exists
+
+main.add_command(_degrade)
+
+from .control import print_live  # noqa: E402
+from .control import register as _register_control  # noqa: E402 - registered once `main` exists
+
+_register_control(main, rollback)
+
+from .backup import backup as _backup  # noqa: E402 - registered once `main` exists
+
+main.add_command(_backup)
