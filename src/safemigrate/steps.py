@@ -103,6 +103,11 @@ class Step:
         transactional DDL."""
         return None
 
+    def repair(self, conn: Connection, dialect: Dialect) -> None:
+        """Clear the remains of an attempt interrupted half-way (before `is_applied` is asked),
+        e.g. the INVALID index a failed CREATE INDEX CONCURRENTLY leaves. `conn` autocommits."""
+        return None
+
 
 @dataclass
 class AddColumn(Step):
@@ -232,6 +237,13 @@ class CreateIndex(Step):
     def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
         return dialect.has_index(conn, self.table, str(self.name))
 
+    def repair(self, conn: Connection, dialect: Dialect) -> None:
+        dialect.prepare_index(conn, self.table, str(self.name))  # a failed build's leftover
+
+    def apply(self, conn: Connection, dialect: Dialect, state: Mapping[str, Any]) -> None:
+        self.repair(conn, dialect)
+        super().apply(conn, dialect, state)
+
 
 @dataclass
 class DropIndex(Step):
@@ -272,6 +284,9 @@ class DropIndex(Step):
 
     def is_applied(self, conn: Connection, dialect: Dialect) -> bool | None:
         return not dialect.has_index(conn, self.table, self.name)
+
+    def repair(self, conn: Connection, dialect: Dialect) -> None:
+        dialect.prepare_index(conn, self.table, self.name)  # a failed rebuild's leftover
 
     def inverse_sql(self, dialect: Dialect, state: Mapping[str, Any]) -> list[str]:
         if not state.get("definition"):

@@ -70,6 +70,11 @@ class Dialect(ABC):
     def size_bytes(self, conn: Connection) -> int:
         """Bytes the data occupies: what a snapshot will need."""
 
+    def row_count(self, conn: Connection, table: str, estimate: bool = False) -> int:
+        """Rows in `table`: exact (COUNT(*)), or with `estimate` the engine's cheap statistic
+        where it has one (for plans and progress, never for correctness)."""
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar() or 0)
+
     def user_tables(self, conn: Connection) -> list[str]:
         """Tables that belong to the application (not the journal, not the engine's own)."""
         names = sa.inspect(conn).get_table_names()
@@ -106,8 +111,17 @@ class Dialect(ABC):
     def drop_index_sql(self, index: sa.Index) -> tuple[str, bool]:
         return str(sa.schema.DropIndex(index).compile(dialect=self.engine.dialect)).strip(), False
 
+    def analyze_sql(self, table: str) -> str:
+        """Refresh the planner statistics of a table (MySQL spells it ANALYZE TABLE)."""
+        return f"ANALYZE {self.quote(table)}"
+
     def has_index(self, conn: Connection, table: str, name: str) -> bool:
         return name in {i["name"] for i in sa.inspect(conn).get_indexes(table)}
+
+    def prepare_index(self, conn: Connection, table: str, name: str) -> None:
+        """Clear what a failed earlier build of index `name` left behind, before it is built
+        (PostgreSQL: the INVALID index of an interrupted CREATE INDEX CONCURRENTLY)."""
+        return None
 
     @abstractmethod
     def index_definition(self, conn: Connection, table: str, name: str) -> str | None:
@@ -148,3 +162,29 @@ class Dialect(ABC):
     def is_lock_timeout(self, exc: BaseException) -> bool:
         """Whether a driver error means "gave up waiting for a lock" (worth a retry)."""
         return False
+
+    def health(self, conn: Connection) -> dict[str, Any]:
+        """Load and health figures for the guards (name -> number, None when unknown), compared
+        with [guards] max_load / critical_load like gh-ost's --max-load. None to report here."""
+        return {}
+
+    # -- pre-migration checks (safemigrate.checks) ---------------------------------------------
+    def quick_integrity_check(self, conn: Connection) -> list[str]:
+        """A cheaper integrity check for `safemigrate check` without --full (SQLite: quick_check,
+        which skips matching index content to table content). Defaults to the full check."""
+        return self.integrity_check(conn)
+
+    def foreign_key_violations(self, conn: Connection, limit: int = 100) -> list[str]:
+        """Rows whose foreign keys point nowhere (at most `limit` descriptions). Servers enforce
+        foreign keys on every write, so there is nothing to find; SQLite does not."""
+        return []
+
+    def index_problems(self, conn: Connection, tables: list[str]) -> list[str]:
+        """Indexes of `tables` that are invalid or do not match their table's rows (empty when
+        healthy, or when the engine keeps them valid by itself)."""
+        return []
+
+    def pending_writers(self, conn: Connection) -> list[str]:
+        """Writers holding or waiting for locks right now that a migration would queue behind,
+        for engines whose `health()` figures do not already show them (SQLite's write lock)."""
+        return []
