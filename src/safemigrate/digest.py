@@ -38,10 +38,17 @@ class StoredValue(sa.types.UserDefinedType):  # type: ignore[type-arg]
 
 
 def _stored_values(inspector: Any, table: sa.Table, column: dict[str, Any]) -> None:
-    if inspector.dialect.name == "sqlite":
-        declared = column["type"]
-        column["type"] = StoredValue("" if isinstance(declared, sa.types.NullType)
-                                     else declared.compile(dialect=inspector.dialect))
+    """Column types that convert values (dates, NUMERIC, REAL, BOOLEAN, JSON) or have no name
+    become StoredValue; INTEGER, TEXT and BLOB columns pass values through already."""
+    dialect, declared = inspector.dialect, column["type"]
+    if dialect.name != "sqlite":
+        return
+    if isinstance(declared, sa.types.NullType):
+        column["type"] = StoredValue("")
+    else:
+        impl = declared.dialect_impl(dialect)
+        if impl.result_processor(dialect, None) or impl.bind_processor(dialect):
+            column["type"] = StoredValue(declared.compile(dialect=dialect))
 
 
 def reflect(conn: Connection, table: str) -> sa.Table:
@@ -49,7 +56,7 @@ def reflect(conn: Connection, table: str) -> sa.Table:
     SQLite values come back exactly as stored (see StoredValue)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sa.exc.SAWarning)
-        return sa.Table(table, sa.MetaData(), autoload_with=conn,
+        return sa.Table(table, sa.MetaData(), autoload_with=conn, resolve_fks=False,
                         listeners=[("column_reflect", _stored_values)])
 
 

@@ -105,7 +105,9 @@ def check_search(conn: Connection) -> None:
     term = card.search_terms.split(" ")[0]
     escaped = term.replace("!", "!!").replace("%", "!%").replace("_", "!_")
     pattern = f"% {escaped} %"
-    match = "(' ' || search_terms || ' ') LIKE :pattern ESCAPE '!'"
+    spaced = ("CONCAT(' ', search_terms, ' ')" if conn.dialect.name == "mysql"  # || is OR there
+              else "(' ' || search_terms || ' ')")
+    match = f"{spaced} LIKE :pattern ESCAPE '!'"
     found = conn.execute(
         text(f"SELECT COUNT(*) FROM cards WHERE id = :id AND {match}"),
         {"id": card.id, "pattern": pattern},
