@@ -56,3 +56,17 @@ def drop_shadow(conn: Connection, run_id: str, step_idx: int) -> None:
     name = shadow_name(run_id, step_idx)
     if sa.inspect(conn).has_table(name):
         sa.Table(name, sa.MetaData()).drop(conn)
+
+
+def shadow_rows(conn: Connection, table: str, name: str) -> int:
+    """Rows in a shadow copy just taken, proven equal to the source's count in the same
+    transaction (layer 1 of the backup, recorded in its manifest)."""
+    from ._exceptions import BackupError
+
+    def count(t: str) -> int:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar() or 0)
+
+    copied, source = count(name), count(table)
+    if copied != source:
+        raise BackupError(f"shadow copy {name} holds {copied} rows, {table} has {source}")
+    return copied

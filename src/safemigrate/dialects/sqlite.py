@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,10 +48,11 @@ _COLLATE = re.compile(r"\bCOLLATE\s+[\"'`\[]?(\w+)", re.IGNORECASE)
 def _placeholder_collations(db: sqlite3.Connection) -> None:
     """Let table definitions that name a collation only the application registers be
     recreated on restore; anything that would really compare with one fails (and rolls back)."""
-    known = {row[1].lower() for row in db.execute("PRAGMA collation_list")}
     sql = [row[0] or "" for row in db.execute("SELECT sql FROM snap.sqlite_master")]
     for name in {m for text in sql for m in _COLLATE.findall(text)}:
-        if name.lower() not in known:
+        try:  # (PRAGMA collation_list also lists collations the schema merely names)
+            db.execute(f"SELECT 'a' < 'b' COLLATE \"{name}\"")
+        except sqlite3.OperationalError:
             def refuse(_a: str, _b: str, name: str = name) -> int:
                 raise sqlite3.OperationalError(f"no such collation sequence: {name}")
             db.create_collation(name, refuse)
@@ -102,7 +104,7 @@ class SQLiteDialect(Dialect):
             return DiskFullError(f"no space left writing {self.path}: {text}")
         if "unable to open database" in lower:
             return DatabaseError(f"cannot open database {self.path}: {text}")
-        if "no such collation sequence" in lower or "no such function" in lower:
+        if any(s in lower for s in ("no such collation sequence", "no such function", "unknown function")):
             return DatabaseError(
                 f"SQLite error: {text.splitlines()[0]} (the schema of {self.path} uses it)",
                 "the application that made this database registers that collation or function on "
@@ -178,6 +180,61 @@ class SQLiteDialect(Dialect):
     def integrity_check(self, conn: Connection) -> list[str]:
         rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
         return [] if rows == ["ok"] else rows
+
+    # -- pre-migration checks ------------------------------------------------------------------
+    def quick_integrity_check(self, conn: Connection) -> list[str]:
+        rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check")]
+        return [] if rows == ["ok"] else rows
+
+    def foreign_key_violations(self, conn: Connection, limit: int = 100) -> list[str]:
+        """PRAGMA foreign_key_check, described with the columns of each broken reference."""
+        keys: dict[tuple[str, int], str] = {}
+        out: list[str] = []
+        result = conn.exec_driver_sql("PRAGMA foreign_key_check")
+        try:
+            for table, rowid, parent, fkid in result:
+                if (table, fkid) not in keys:
+                    cols = [(r[3], r[4]) for r in conn.exec_driver_sql(
+                        f"PRAGMA foreign_key_list({self.quote(table)})") if r[0] == fkid]
+                    keys[(table, fkid)] = (f"{', '.join(c for c, _ in cols)} -> {parent}"
+                                           f"({', '.join(str(t or 'rowid') for _, t in cols)})")
+                out.append(f"{table} rowid {rowid}: {keys[(table, fkid)]} has no parent row")
+                if len(out) >= limit:
+                    break
+        finally:
+            result.close()
+        return out
+
+    def index_problems(self, conn: Connection, tables: list[str]) -> list[str]:
+        """integrity_check of each table: its b-tree and every index matched to its rows."""
+        problems: list[str] = []
+        for table in tables:
+            name = table.replace("'", "''")
+            rows = [r[0] for r in conn.exec_driver_sql(f"PRAGMA integrity_check('{name}')")]
+            if rows != ["ok"]:
+                problems += [f"{table}: {row}" for row in rows]
+        return problems
+
+    def pending_writers(self, conn: Connection) -> list[str]:
+        """Whether another connection holds the write lock: BEGIN IMMEDIATE on a probe
+        connection, three tries over about a second (a short application write is fine)."""
+        if self.path is None:
+            return []
+        for attempt in range(3):
+            probe = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                return []
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower():
+                    raise
+            finally:
+                probe.close()
+            if attempt < 2:
+                time.sleep(0.3)
+        return [f"another connection has held the write lock of {self.path.name} for over a second "
+                "(an open write transaction)"]
 
     def index_definition(self, conn: Connection, table: str, name: str) -> str | None:
         return conn.exec_driver_sql(
