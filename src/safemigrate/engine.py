@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,42 @@ class BatchStats:
 # Called after every committed batch; may block (pause, throttle), raise (abort, guard trip) or
 # return a new batch size (auto-tuning).
 BatchHook = Callable[[BatchStats], "int | None"]
+
+
+class PreparedUpdate:
+    """The batch UPDATE compiled once per step and sent with plain DBAPI parameters: SQLAlchemy
+    builds parameters per row otherwise, which costs more than the database's own work."""
+
+    def __init__(self, update: sa.Update, dialect: Dialect) -> None:
+        compiled = update.compile(dialect=dialect.engine.dialect)
+        self.sql = str(compiled)
+        self.order: list[str] | None = list(compiled.positiontup) if compiled.positiontup else None
+        self.names = list(compiled.binds)
+        writes = [n[3:] for n in (self.order or []) if n.startswith("_w_")]
+        keys = [n for n in (self.order or []) if n.startswith("_k")]
+        # The usual shape (SET values, then the key): one itemgetter call per row.
+        self._fast = bool(writes) and self.order == [f"_w_{w}" for w in writes] + keys \
+            and keys == [f"_k{i}" for i in range(len(keys))]
+        self._get = itemgetter(*writes) if writes else None
+        self._single = len(writes) == 1
+
+    @staticmethod
+    def _value(name: str, key: Key, new: Mapping[str, Any]) -> Any:
+        return key[int(name[2:])] if name.startswith("_k") else new[name[3:]]
+
+    def execute(self, conn: Connection, rows: list[tuple[Key, dict[str, Any]]]) -> None:
+        if self._fast:
+            get = self._get
+            assert get is not None
+            params: list[Any] = ([(get(new), *key) for key, new in rows] if self._single
+                                 else [get(new) + tuple(key) for key, new in rows])
+        elif self.order is not None:
+            value, order = self._value, self.order
+            params = [tuple(value(n, key, new) for n in order) for key, new in rows]
+        else:
+            value, names = self._value, self.names
+            params = [{n: value(n, key, new) for n in names} for key, new in rows]
+        conn.exec_driver_sql(self.sql, params)
 
 
 class StopSignal:
@@ -290,12 +327,12 @@ class BackfillExecutor:
                 for _, future in window:
                     future.cancel()
 
-    def _update_statement(self, table: sa.Table, pk: list[sa.Column]) -> sa.Update:
+    def _update_statement(self, table: sa.Table, pk: list[sa.Column]) -> PreparedUpdate:
         where = sa.and_(*[col == sa.bindparam(f"_k{i}") for i, col in enumerate(pk)])
         values = {w: sa.bindparam(f"_w_{w}") for w in self.step.writes}
-        return sa.update(table).where(where).values(values)
+        return PreparedUpdate(sa.update(table).where(where).values(values), self.dialect)
 
-    def _write(self, update: sa.Update, n_key: int, rows: list[tuple[Any, ...]],
+    def _write(self, update: PreparedUpdate, n_key: int, rows: list[tuple[Any, ...]],
                ok: list[tuple[Key, dict[str, Any]]], bad: list[tuple[Key, dict[str, Any], str]]) -> None:
         last_key = list(rows[-1][:n_key])
 
@@ -316,7 +353,7 @@ class BackfillExecutor:
 
     def _read(self, query: sa.Select) -> list[tuple[Any, ...]]:
         with self.dialect.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(query)]
+            return [tuple(r) for r in conn.execute(query).all()]
 
     def _retry_locked(self, what: str, action: Callable[[], Any]) -> Any:
         attempt = 0
@@ -342,16 +379,12 @@ class BackfillExecutor:
                     data={"step": self.step_idx, "attempt": attempt, "delay": delay, "error": reason}))
                 time.sleep(delay)
 
-    def _apply_outcome(self, conn: Connection, update: sa.Update, ok: list[tuple[Key, dict[str, Any]]],
+    def _apply_outcome(self, conn: Connection, update: PreparedUpdate,
+                       ok: list[tuple[Key, dict[str, Any]]],
                        bad: list[tuple[Key, dict[str, Any], str]]) -> None:
         """The updates and quarantine entries of one batch, in the caller's transaction."""
-        params = []
-        for key, new in ok:
-            item = {f"_k{i}": v for i, v in enumerate(key)}
-            item.update({f"_w_{w}": v for w, v in new.items()})
-            params.append(item)
-        if params:
-            conn.execute(update, params)
+        if ok:
+            update.execute(conn, ok)
         if bad:
             self.journal.quarantine_rows(conn, self.run_id, self.step_idx, self.step.table,
                                          [(list(k), r, e) for k, r, e in bad])

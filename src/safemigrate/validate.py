@@ -18,10 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .dialects import Dialect
-from .digest import diff_digests, reflect, row_differences, table_digest
+from .digest import diff_digests, row_differences, table_digest
 from .journal import Journal
 from .migration import Migration
-from .shadow import shadow_name
+from .revalidate import Job, revalidate
 from .steps import Backfill, RawSQL
 
 
@@ -139,74 +139,36 @@ def _quarantined_keys(journal: Journal, run_id: str, step_idx: int) -> set[tuple
 def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int,
                   step: Backfill, existing_written: list[str], batch_size: int,
                   changed: set[tuple[Any, ...]] | None = None,
-                  pending: set[tuple[Any, ...]] | None = None) -> CheckResult:
+                  pending: set[tuple[Any, ...]] | None = None, *, workers: int = 1,
+                  migration_path: Path | None = None) -> CheckResult:
     """Every row is migrated or quarantined; every migrated row passes the validator again;
     quarantined rows still hold their original values. `changed`: keys the application wrote
     during the run (they explain rows the scan never saw); `pending`: keys written since the
     change log was last drained (checked after the final drain, in cleanup, not here)."""
     changed = changed or set()
-    pending = pending or set()
 
     def check() -> str:
         quarantined = _quarantined_keys(journal, run_id, step_idx)
-        revalidated = failures = untouched_bad = rows = 0
-        examples: list[str] = []
-        with dialect.engine.connect() as conn:
-            table = reflect(conn, step.table)
-            pk = list(table.primary_key.columns)
-            shadow = reflect(conn, shadow_name(run_id, step_idx)) if existing_written else None
-            old_cols = []
-            for name in step.reads:
-                if name in step.writes and shadow is not None and name in shadow.c:
-                    old_cols.append(shadow.c[name].label(name))
-                elif name not in {p.name for p in pk}:
-                    old_cols.append(table.c[name])
-            new_cols = [table.c[w].label(f"__new_{w}") for w in step.writes]
-            select_from: Any = table
-            if shadow is not None:
-                match = sa.and_(*[shadow.c[p.name] == p for p in pk])
-                select_from = table.outerjoin(shadow, match)
-                new_cols += [shadow.c[w].label(f"__old_{w}") for w in existing_written]
-            query = sa.select(*pk, *old_cols, *new_cols).select_from(select_from).order_by(*pk)
-            result = conn.execution_options(stream_results=True).execute(query)
-            while chunk := result.mappings().fetchmany(batch_size):
-                for rec in chunk:
-                    rows += 1
-                    key = tuple(rec[p.name] for p in pk)
-                    if key in pending:
-                        continue
-                    new = {w: rec[f"__new_{w}"] for w in step.writes}
-                    if key in quarantined:
-                        old = {w: rec.get(f"__old_{w}") for w in step.writes}
-                        if new != old and key not in changed:
-                            untouched_bad += 1
-                        continue
-                    if step.validate is None:
-                        continue
-                    row = {p.name: rec[p.name] for p in pk}
-                    row.update({c: rec[c] for c in step.reads if c in rec})
-                    revalidated += 1
-                    try:
-                        if step.validate(row, new) is False:
-                            raise ValueError("validate() returned False")
-                    except Exception as exc:  # noqa: BLE001
-                        failures += 1
-                        if len(examples) < 3:
-                            examples.append(f"{list(key)}: {exc}")
         step_row = next(s for s in journal.steps(run_id) if s["idx"] == step_idx)
+        job = Job(run_id, step_idx, existing_written, batch_size, quarantined, changed,
+                  pending or set())
+        tally = revalidate(dialect, step, job, total=step_row["rows_done"], workers=workers,
+                           migration_path=migration_path)
         problems = []
-        unexplained = rows - step_row["rows_done"] - len(changed)
+        unexplained = tally.rows - step_row["rows_done"] - len(changed)
         if unexplained > 0:
             problems.append(f"{unexplained} rows were never processed")
-        if failures:
-            problems.append(f"{failures} migrated rows fail validation ({'; '.join(examples)})")
-        if untouched_bad:
-            problems.append(f"{untouched_bad} quarantined rows were modified")
+        if tally.failures:
+            problems.append(f"{tally.failures} migrated rows fail validation "
+                            f"({'; '.join(tally.examples)})")
+        if tally.untouched_bad:
+            problems.append(f"{tally.untouched_bad} quarantined rows were modified")
         if problems:
             raise AssertionError("; ".join(problems))
         app = f", {len(changed)} written by the application meanwhile" if changed else ""
-        return (f"{rows} rows: {rows - len(quarantined)} migrated ({revalidated} re-validated), "
-                f"{len(quarantined)} quarantined and unchanged{app}")
+        return (f"{tally.rows} rows: {tally.rows - len(quarantined)} migrated "
+                f"({tally.revalidated} re-validated), {len(quarantined)} quarantined and "
+                f"unchanged{app}")
     return timed(f"backfill:{step.table}#{step_idx}", check)
 
 
