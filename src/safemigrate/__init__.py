@@ -10,6 +10,7 @@ from ._exceptions import (
     DatabaseError,
     DatabaseLockedError,
     DiskFullError,
+    GuardTrippedError,
     IrreversibleError,
     LockHeldError,
     MigrationFileError,
@@ -21,6 +22,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._version import __version__
+from .degrade import Degradation
 from .migration import Migration
 from .steps import AddColumn, Backfill, CreateIndex, CreateTable, DropIndex, RawSQL, Step
 
@@ -35,8 +37,10 @@ __all__ = [
     "CreateTable",
     "DatabaseError",
     "DatabaseLockedError",
+    "Degradation",
     "DiskFullError",
     "DropIndex",
+    "GuardTrippedError",
     "IrreversibleError",
     "LockHeldError",
     "Migration",

@@ -272,6 +272,8 @@ class Runner:
         nor updated by key, and would be silently skipped. And compiling (never running) an
         UPDATE compiles the application's triggers: a SQL function or collation only the
         application registers fails here, before any change, not in the middle of the run."""
+        if self.dialect.name != "sqlite":  # servers enforce NOT NULL keys and resolve at run time
+            return
         q = self.dialect.quote
         keys = [c.name for c in reflect(conn, table).primary_key.columns]
         nulls = " OR ".join(f"{q(k)} IS NULL" for k in keys)
@@ -382,7 +384,9 @@ class Runner:
                             conn, captures[step.table], capture.drained_name(self.run_id, idx))}
                 results.append(backfill_rows(self.dialect, self.journal, self.run_id, idx, step,
                                              existing, self.settings.batch_size,
-                                             changed.get(step.table), pending))
+                                             changed.get(step.table), pending,
+                                             workers=self.settings.workers,
+                                             migration_path=self.migration.path))
         results += invariants(self.dialect, self.migration)
         results += smoke_checks(self.dialect, self.migration)
         assert self.result is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .control import control_status
 from .lock import current_holder
+from .supervisor import metrics_key
 
 if TYPE_CHECKING:
     from .migrator import Migrator
@@ -40,6 +42,7 @@ def build_status(migrator: Migrator) -> dict[str, Any]:
     out["applied"] = sorted(journal.applied())
     holder = current_holder(journal)
     out["lock"] = holder
+    out.update(control_status(journal))  # pause/abort state, open rollback requests
     runs = journal.runs(limit=1)
     if not runs:
         return out
@@ -70,4 +73,5 @@ def build_status(migrator: Migrator) -> dict[str, Any]:
     running = [s for s in steps if s["status"] == "running"]
     out["run"]["rate"] = running[0]["rate"] if running else None
     out["run"]["eta_seconds"] = running[0]["eta_seconds"] if running else None
+    out["run"]["metrics"] = journal.get_state(metrics_key(run["id"]))  # the runner's last snapshot
     return out

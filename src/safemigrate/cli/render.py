@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -115,8 +116,8 @@ class ConsoleRenderer:
             return
         if event.kind == "step.started":
             return  # schema steps are shown once, when done
-        if event.kind == "quarantine":
-            return  # counted in the progress line and the summary
+        if event.kind in ("quarantine", "metrics"):
+            return  # counted in the progress line and the summary; metrics feed status/Prometheus
         style = LEVEL_STYLE.get(event.level, "")
         if event.kind == "phase.started":
             self.close()
@@ -125,6 +126,10 @@ class ConsoleRenderer:
             self.console.print(f"  ✓ {event.message}", style=style, highlight=False)
         elif event.kind in ("phase.completed",):
             return
+        elif self._progress is not None and event.kind.startswith(
+                ("alert", "guard.", "control.", "request.", "hook.", "monitor.")):
+            # printed above the live bars, which go on (pause, throttle, alerts mid-backfill)
+            self._progress.console.print(f"  {event.message}", style=style, highlight=False)
         else:
             self.close()
             self.console.print(f"  {event.message}", style=style, highlight=False)
@@ -157,4 +162,40 @@ def checks_table(title: str, results: list[dict[str, Any]]) -> Table:
         style = {"passed": "green", "warning": "yellow", "skipped": "dim"}.get(verdict, "bold red")
         table.add_row(r["name"], f"[{style}]{verdict}[/]", r.get("details") or "",
                       f"{r.get('seconds', 0):.2f}s")
+    return table
+
+
+def report_table(title: str, report: dict[str, Any]) -> Table:
+    """The pre-migration check report: one row per check, with the hint of those not passed."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("check", no_wrap=True)
+    for col in ("group", "result", "details", "time"):
+        table.add_column(col, overflow="fold", justify="right" if col == "time" else "left",
+                         no_wrap=col in ("time", "group"))
+    for r in report["checks"]:
+        verdict = r["verdict"]
+        style = {"passed": "green", "warning": "yellow", "skipped": "dim"}.get(verdict, "bold red")
+        label = verdict if r.get("required", True) or verdict == "passed" else f"{verdict} (advisory)"
+        details = escape(r.get("details") or "")
+        if r.get("hint") and verdict in ("failed", "warning"):
+            details += f"\n[dim]→ {escape(r['hint'])}[/]"
+        table.add_row(escape(r["name"]), r.get("category", ""), f"[{style}]{label}[/]", details,
+                      f"{r.get('seconds', 0):.2f}s")
+    return table
+
+
+def backups_table(backups: list[dict[str, Any]]) -> Table:
+    table = Table(title="backups", title_justify="left")
+    table.add_column("id", no_wrap=True)
+    for col in ("kind", "migration / run", "created", "size", "layers", "status"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("kind", "size"))
+    for b in backups:
+        layers = " ".join(
+            f"{la['layer']}{'✓' if la.get('status') == 'verified' else '✗'}" for la in b["layers"])
+        run = f"{b.get('migration') or '-'} / {b.get('run_id') or '-'}"
+        if b.get("run_status"):
+            run += f" ({b['run_status']})"
+        status = b["status"] + (" [dim](kept: protected)[/]" if b.get("protected") else "")
+        table.add_row(b["id"], b["kind"], escape(run), fmt_time(b["created_at"]),
+                      fmt_bytes(b["size"]), layers, status)
     return table
