@@ -121,15 +121,18 @@ def pending(conn: Connection, capture: Capture, drained: str,
     MySQL a log entry with a lower number can commit after a higher one, and must not be
     skipped."""
     log = log_table(conn, capture)
-    done = drained_table(drained)
-    done.create(conn, checkfirst=True)
     cols = [log.c[f"k_{k}"] for k in capture.keys]
-    query = (sa.select(log.c.seq, *cols, log.c.op)
-             .where(~sa.exists(sa.select(1).select_from(done).where(done.c.seq == log.c.seq)))
-             .order_by(log.c.seq))
+    query = sa.select(log.c.seq, *cols, log.c.op).order_by(log.c.seq)
+    if sa.inspect(conn).has_table(drained):  # no table yet: nothing drained yet
+        done = drained_table(drained)
+        query = query.where(~sa.exists(sa.select(1).select_from(done).where(done.c.seq == log.c.seq)))
     if limit is not None:
         query = query.limit(limit)
     return [(r[0], tuple(r[1:-1]), r[-1]) for r in conn.execute(query)]
+
+
+def ensure_drained(conn: Connection, drained: str) -> None:
+    drained_table(drained).create(conn, checkfirst=True)
 
 
 def mark_drained(conn: Connection, drained: str, seqs: list[int]) -> None:

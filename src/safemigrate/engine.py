@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from ._exceptions import AbortedError, DatabaseLockedError, MigrationFileError, SafeMigrateError
 from .capture import Capture
 from .capture import drained_name as capture_drained_name
+from .capture import ensure_drained as capture_ensure_drained
 from .capture import mark_drained as capture_mark_drained
 from .capture import pending as capture_pending
 from .dialects import Dialect
@@ -405,6 +406,8 @@ class BackfillExecutor:
         select = sa.select(*[table.c[n] for n in names])
         key_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
         drained = capture_drained_name(self.run_id, self.step_idx)
+        with self.dialect.engine.begin() as conn:
+            capture_ensure_drained(conn, drained)
         while True:
             with self.dialect.engine.begin() as conn:
                 batch = capture_pending(conn, capture, drained, self.batch_size)

@@ -16,6 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .capture import Capture, changed_keys
+from .capture import pending as capture_pending
 from .dialects import Dialect, dialect_for
 from .digest import reflect
 from .shadow import shadow_name
@@ -33,8 +35,8 @@ class Job:
     existing_written: list[str]
     batch_size: int
     quarantined: set[Key] = field(default_factory=set)
-    changed: set[Key] = field(default_factory=set)
-    pending: set[Key] = field(default_factory=set)
+    capture: Capture | None = None  # the table's change log, if the application was captured
+    drained: str = ""  # the step's set of drained log entries
 
 
 @dataclass
@@ -43,10 +45,12 @@ class Tally:
     revalidated: int = 0
     failures: int = 0
     untouched_bad: int = 0
+    app_rows: int = 0  # rows whose key the application wrote during the run
     examples: list[str] = field(default_factory=list)
 
     def add(self, other: Tally) -> None:
         self.rows += other.rows
+        self.app_rows += other.app_rows
         self.revalidated += other.revalidated
         self.failures += other.failures
         self.untouched_bad += other.untouched_bad
@@ -69,8 +73,26 @@ def _key_filter(pk: list[sa.Column], lo: Key | None, hi: Key | None) -> list[Any
 
 def scan(conn: Connection, step: Backfill, job: Job, lo: Key | None = None,
          hi: Key | None = None) -> Tally:
-    """Check the rows with lo < key <= hi (None: unbounded)."""
+    """Check the rows with lo < key <= hi (None: unbounded), in one snapshot transaction with
+    the change log, so both agree on what the application has written."""
+    conn = conn.execution_options(**_snapshot_options(conn))
+    with conn.begin():
+        return _scan(conn, step, job, lo, hi)
+
+
+def _snapshot_options(conn: Connection) -> dict[str, Any]:
+    if conn.dialect.name == "sqlite":
+        return {"sqlite_begin": "DEFERRED"}
+    return {"isolation_level": "REPEATABLE READ"}
+
+
+def _scan(conn: Connection, step: Backfill, job: Job, lo: Key | None, hi: Key | None) -> Tally:
     tally = Tally()
+    changed: set[Key] = set()
+    pending: set[Key] = set()
+    if job.capture is not None:
+        changed = changed_keys(conn, job.capture)
+        pending = {k for _, k, _ in capture_pending(conn, job.capture, job.drained)}
     table = reflect(conn, step.table)
     pk = list(table.primary_key.columns)
     shadow = reflect(conn, shadow_name(job.run_id, job.step_idx)) if job.existing_written else None
@@ -89,11 +111,13 @@ def scan(conn: Connection, step: Backfill, job: Job, lo: Key | None = None,
     query = (sa.select(*pk, *old_cols, *new_cols).select_from(select_from)
              .where(*_key_filter(pk, lo, hi)).order_by(*pk))
     result = conn.execution_options(stream_results=True).execute(query)
-    quarantined, changed, pending = job.quarantined, job.changed, job.pending
+    quarantined = job.quarantined
     while chunk := result.mappings().fetchmany(job.batch_size):
         for rec in chunk:
             tally.rows += 1
             key = tuple(rec[p.name] for p in pk)
+            if key in changed or key in pending:
+                tally.app_rows += 1
             if key in pending:
                 continue
             new = {w: rec[f"__new_{w}"] for w in step.writes}

@@ -366,25 +366,18 @@ class Runner:
         run = self.journal.run(self.run_id) or run
         baseline = run["baseline"]
         captures = self._captures()
-        with self.dialect.engine.connect() as conn:
-            changed = {t: capture.changed_keys(conn, c) for t, c in captures.items()}
         snapshot = next((Path(b["location"]) for b in self.journal.backups(self.run_id, kind="snapshot")
                          if b["id"] == baseline.get("snapshot_id")), None)
-        with plain_snapshot(self.dialect, snapshot, needed=any(changed.values())) as path:
+        with plain_snapshot(self.dialect, snapshot, needed=bool(captures)) as path:
             results = [integrity(self.dialect),
-                       untouched_columns(self.dialect, self.migration, baseline, changed, path)]
+                       untouched_columns(self.dialect, self.migration, baseline, captures, path)]
         step_rows = {s["idx"]: s for s in self.journal.steps(self.run_id)}
         for idx, step in enumerate(self.migration.steps):
             if isinstance(step, Backfill):
                 existing = step_rows[idx]["state"].get("columns", [])
-                pending: set[tuple[Any, ...]] = set()
-                if step.table in captures:
-                    with self.dialect.engine.begin() as conn:
-                        pending = {k for _, k, _ in capture.pending(
-                            conn, captures[step.table], capture.drained_name(self.run_id, idx))}
                 results.append(backfill_rows(self.dialect, self.journal, self.run_id, idx, step,
                                              existing, self.settings.batch_size,
-                                             changed.get(step.table), pending,
+                                             captures.get(step.table),
                                              workers=self.settings.workers,
                                              migration_path=self.migration.path))
         results += invariants(self.dialect, self.migration)

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .capture import Capture, changed_keys, drained_name
 from .dialects import Dialect
 from .digest import diff_digests, row_differences, table_digest
 from .journal import Journal
@@ -90,26 +91,29 @@ def invariants(dialect: Dialect, migration: Migration) -> list[CheckResult]:
 
 
 def untouched_columns(dialect: Dialect, migration: Migration, baseline: dict[str, Any],
-                      changed: dict[str, set[tuple[Any, ...]]] | None = None,
+                      captures: dict[str, Capture] | None = None,
                       snapshot: Path | None = None) -> CheckResult:
     """Invariant 4: every column the migration does not declare as written is unchanged.
 
     Rows the application changed meanwhile (from the change log) are left out on both sides:
-    then the other side is the snapshot itself, digested without them."""
+    then the other side is the snapshot itself, digested without them. The log and the table
+    are read in one snapshot transaction, so a write landing mid-check cannot slip between."""
     written = migration.written_columns()
     raw_tables = {t for s in migration.steps if isinstance(s, RawSQL) for t in s.tables()}
-    changed = changed or {}
+    captures = captures or {}
 
     def check() -> str:
         problems, compared, skipped = [], 0, 0
         with ExitStack() as stack:
             conn = stack.enter_context(dialect.engine.connect())
+            conn = conn.execution_options(**dialect.snapshot_read_options)
+            stack.enter_context(conn.begin())
             snap = None
             for table, before in baseline["digests"].items():
                 if table in raw_tables:
                     continue
                 columns = [c for c in before["columns"] if c not in written.get(table, set())]
-                skip = changed.get(table) or set()
+                skip = changed_keys(conn, captures[table]) if table in captures else set()
                 after = table_digest(conn, table, columns, skip)
                 if skip and snapshot is not None:
                     snap = snap or stack.enter_context(dialect.snapshot_reader(snapshot))
@@ -138,24 +142,22 @@ def _quarantined_keys(journal: Journal, run_id: str, step_idx: int) -> set[tuple
 
 def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int,
                   step: Backfill, existing_written: list[str], batch_size: int,
-                  changed: set[tuple[Any, ...]] | None = None,
-                  pending: set[tuple[Any, ...]] | None = None, *, workers: int = 1,
+                  capture: Capture | None = None, *, workers: int = 1,
                   migration_path: Path | None = None) -> CheckResult:
     """Every row is migrated or quarantined; every migrated row passes the validator again;
-    quarantined rows still hold their original values. `changed`: keys the application wrote
-    during the run (they explain rows the scan never saw); `pending`: keys written since the
-    change log was last drained (checked after the final drain, in cleanup, not here)."""
-    changed = changed or set()
+    quarantined rows still hold their original values. With change capture, rows the
+    application wrote are told apart: drained ones are checked like the others, those still
+    waiting in the log are checked after the final drain (in cleanup), not here."""
 
     def check() -> str:
         quarantined = _quarantined_keys(journal, run_id, step_idx)
         step_row = next(s for s in journal.steps(run_id) if s["idx"] == step_idx)
-        job = Job(run_id, step_idx, existing_written, batch_size, quarantined, changed,
-                  pending or set())
+        job = Job(run_id, step_idx, existing_written, batch_size, quarantined, capture,
+                  drained_name(run_id, step_idx))
         tally = revalidate(dialect, step, job, total=step_row["rows_done"], workers=workers,
                            migration_path=migration_path)
         problems = []
-        unexplained = tally.rows - step_row["rows_done"] - len(changed)
+        unexplained = tally.rows - tally.app_rows - step_row["rows_done"]
         if unexplained > 0:
             problems.append(f"{unexplained} rows were never processed")
         if tally.failures:
@@ -165,7 +167,7 @@ def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int
             problems.append(f"{tally.untouched_bad} quarantined rows were modified")
         if problems:
             raise AssertionError("; ".join(problems))
-        app = f", {len(changed)} written by the application meanwhile" if changed else ""
+        app = f", {tally.app_rows} written by the application meanwhile" if tally.app_rows else ""
         return (f"{tally.rows} rows: {tally.rows - len(quarantined)} migrated "
                 f"({tally.revalidated} re-validated), {len(quarantined)} quarantined and "
                 f"unchanged{app}")

@@ -156,6 +156,12 @@ class Dialect(ABC):
     def drop_trigger_sql(self, name: str, table: str) -> list[str]:
         raise NotImplementedError(f"change capture is not implemented for {self.name}")
 
+    @property
+    def snapshot_read_options(self) -> dict[str, Any]:
+        """Execution options for a transaction whose reads all see one snapshot (validation
+        reads the change log and the table in it, so the two agree)."""
+        return {"isolation_level": "REPEATABLE READ"}
+
     # -- behaviour under load ------------------------------------------------------------------
     transactional_ddl = True
 

@@ -90,6 +90,10 @@ class SQLiteDialect(Dialect):
         except sa.exc.DBAPIError as exc:
             raise self.translate_error(exc) from None
 
+    @property
+    def snapshot_read_options(self) -> dict[str, Any]:
+        return {"sqlite_begin": "DEFERRED"}
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return "database is locked" in str(getattr(exc, "orig", exc)).lower()
 
