@@ -23,7 +23,10 @@ from ._exceptions import (
 )
 from ._version import __version__
 from .degrade import Degradation
+from .events import Event, EventBus
 from .migration import Migration
+from .migrator import Migrator
+from .settings import Settings, load_settings
 from .steps import AddColumn, Backfill, CreateIndex, CreateTable, DropIndex, RawSQL, Step
 
 __all__ = [
@@ -40,16 +43,21 @@ __all__ = [
     "Degradation",
     "DiskFullError",
     "DropIndex",
+    "Event",
+    "EventBus",
     "GuardTrippedError",
     "IrreversibleError",
+    "load_settings",
     "LockHeldError",
     "Migration",
     "MigrationFileError",
+    "Migrator",
     "NotADatabaseError",
     "NotReadyError",
     "RawSQL",
     "RollbackError",
     "SafeMigrateError",
+    "Settings",
     "Step",
     "UsageError",
     "ValidationError",
