@@ -40,6 +40,7 @@ Key = tuple[Any, ...]
 Outcome = tuple[list[tuple[Key, dict[str, Any]]], list[tuple[Key, dict[str, Any], str]]]
 
 _IN_PROCESS_BELOW = 3  # batches: small tables are not worth starting a pool for
+MAX_IN_FLIGHT_ROWS = 20_000  # rows read but not yet committed, across the worker pool
 
 
 def transform_rows(step: Backfill, names: Sequence[str], n_key: int,
@@ -300,7 +301,7 @@ class BackfillExecutor:
     def _pooled(self, batches: Iterator[list[tuple[Any, ...]]], names: list[str],
                 n_key: int) -> Iterator[tuple[list[tuple[Any, ...]], Outcome]]:
         """Transforms in worker processes; results handed back in key order, with at most
-        2 × workers batches in flight."""
+        2 × workers batches, and about MAX_IN_FLIGHT_ROWS rows, in flight (memory stays flat)."""
         # fork: workers start at once and need no importable __main__; spawn elsewhere.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
@@ -312,8 +313,10 @@ class BackfillExecutor:
             try:
                 for rows in batches:
                     window.append((rows, pool.submit(_worker_transform, rows)))
-                    if len(window) >= self.workers * 2:
+                    in_flight = sum(len(r) for r, _ in window)
+                    while window and (len(window) >= self.workers * 2 or in_flight > MAX_IN_FLIGHT_ROWS):
                         head, future = window.popleft()
+                        in_flight -= len(head)
                         yield head, future.result()
                 while window:
                     head, future = window.popleft()

@@ -111,7 +111,7 @@ class GuardSettings:
     autotune: bool = True
     target_batch_seconds: float = 0.5  # like pt-online-schema-change --chunk-time
     min_batch_size: int = 50
-    max_batch_size: int = 50_000
+    max_batch_size: int = 10_000  # also bounds memory: batches in flight × this many rows
     sleep_ratio: float = 0.0  # after each batch, sleep this fraction of its duration
     pause_file: str = ".safemigrate/pause"
 
