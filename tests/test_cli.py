@@ -45,9 +45,10 @@ def workspace(tmp_path: Path, *extra: tuple[str, str], cards: bool = True,
 
 
 def sm(tmp_path: Path, db: Path, *args: Any,
-       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+       env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """A command against the workspace's database and migrations."""
-    return cli(*args, "--db", db, "--migrations", tmp_path / "migrations", cwd=tmp_path, env=env)
+    return cli(*args, "--db", db, "--migrations", tmp_path / "migrations", cwd=tmp_path, env=env,
+               timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -204,6 +205,17 @@ def test_run_status_history_verify_rollback(tmp_path: Path) -> None:
     again = sm(tmp_path, db, "rollback", "--yes")  # idempotent: says so, changes nothing
     assert again.returncode == 0 and "already rolled back" in again.stdout
     assert digest_db(db) == original
+
+
+def test_run_with_worker_pools_ends_under_the_cli_signal_handlers(tmp_path: Path) -> None:
+    """Both pools (transform and re-validation) run here; forked workers must not inherit the
+    CLI's "stop after this batch" SIGTERM handler, or the pool's shutdown would hang the run."""
+    db, _ = workspace(tmp_path)
+    proc = sm(tmp_path, db, "run", "--json", "--workers", "2", "--batch-size", "100", timeout=120)
+    ok(proc)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["runs"][0]["status"] == "completed"
+    assert query(db, "SELECT COUNT(*) FROM cards WHERE search_terms IS NOT NULL")[0][0] == ROWS - BAD
 
 
 def test_rollback_strategy_restore_from_another_directory(tmp_path: Path) -> None:

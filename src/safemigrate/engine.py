@@ -34,6 +34,7 @@ from .events import Event, EventBus
 from .journal import Journal
 from .journal import steps as steps_table
 from .steps import Backfill
+from .workers import reset_signals
 
 Key = tuple[Any, ...]
 # (key, new values) for rows to write; (key, original row, error) for rows to quarantine
@@ -78,6 +79,7 @@ _worker_n_key = 0
 def _init_worker(migration_path: str, step_idx: int, names: Sequence[str], n_key: int) -> None:
     from .migration import load_file
 
+    reset_signals()
     global _worker_step, _worker_names, _worker_n_key
     migration = load_file(Path(migration_path))
     step = migration.steps[step_idx]

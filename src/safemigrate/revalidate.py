@@ -22,6 +22,7 @@ from .dialects import Dialect, dialect_for
 from .digest import reflect
 from .shadow import shadow_name
 from .steps import Backfill
+from .workers import reset_signals
 
 Key = tuple[Any, ...]
 
@@ -163,6 +164,7 @@ def _init(url: str, lock_timeout: float, migration_path: str, job: Job) -> None:
     from .migration import load_file
     from .urls import normalize_url
 
+    reset_signals()
     step = load_file(Path(migration_path)).steps[job.step_idx]
     assert isinstance(step, Backfill)
     _worker.update(dialect=dialect_for(normalize_url(url), lock_timeout=lock_timeout),
