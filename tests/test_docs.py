@@ -23,7 +23,10 @@ def _commands(group: click.Group, prefix: str = "safemigrate") -> list[str]:
 
 def _documented(path: str) -> bool:
     parts = path.split()[1:]
-    if " ".join(parts) in README:
+    rows = [line for line in README.splitlines() if line.startswith("| `safemigrate ")]
+    if len(parts) == 1:  # a row of the command table: `safemigrate NAME …` or `… / `NAME` …`
+        return any(f"`safemigrate {parts[0]}" in row or f"/ `{parts[0]}" in row for row in rows)
+    if f"`safemigrate {' '.join(parts)}" in README:
         return True
     if len(parts) == 2:  # a subcommand named in its group's table row: `backup create\|list\|…`
         group, sub = parts

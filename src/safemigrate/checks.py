@@ -680,17 +680,24 @@ def with_hint(hint: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return mark
 
 
+def call_read_only(conn: Connection, func: Callable[[Connection], object], name: str) -> str:
+    """Call a user's check inside a transaction that is always rolled back, so a check cannot
+    change data even by mistake. False fails it; None or True is "ok"; anything else is its
+    details."""
+    tx = conn.begin()
+    try:
+        result = func(conn)
+    finally:
+        tx.rollback()
+    if result is False:
+        raise CheckFailed(f"{getattr(func, '__name__', name)} returned False")
+    return "ok" if result in (None, True) else str(result)
+
+
 def _user_check(name: str, func: Callable[[Connection], object]) -> CheckFunc:
     def check(ctx: CheckContext) -> str:
         with ctx.read(name) as conn:
-            tx = conn.begin()
-            try:
-                result = func(conn)
-            finally:
-                tx.rollback()
-        if result is False:
-            raise CheckFailed(f"{getattr(func, '__name__', name)} returned False")
-        return "ok" if result in (None, True) else str(result)
+            return call_read_only(conn, func, name)
     return check
 
 

@@ -25,7 +25,9 @@ ConnectionCheck = Callable[[Connection], object]
 class Migration:
     """A migration as data. `invariants` and `smoke_checks` are functions given a connection
     that raise (or return False) when the migrated database is wrong; smoke checks run inside a
-    transaction that is rolled back, so they may write. `checks` run before anything changes."""
+    transaction that is rolled back, so they may write. `checks` run before anything changes.
+    `rollback_smoke_checks` are smoke checks for the schema as it is after a rollback (the
+    `smoke_checks` describe the migrated one); the rollback validator runs them."""
 
     id: str
     steps: Sequence[Step] = field(default_factory=list)
@@ -33,6 +35,7 @@ class Migration:
     invariants: Sequence[ConnectionCheck] = field(default_factory=list)
     smoke_checks: Sequence[ConnectionCheck] = field(default_factory=list)
     checks: Sequence[ConnectionCheck] = field(default_factory=list)
+    rollback_smoke_checks: Sequence[ConnectionCheck] = field(default_factory=list)
     path: Path | None = None
     checksum: str = ""
 
@@ -48,7 +51,7 @@ class Migration:
                     f"migration {self.id}: {step!r} is not a step",
                     "use AddColumn, CreateTable, CreateIndex, DropIndex, RawSQL or Backfill",
                 )
-        for name in ("invariants", "smoke_checks", "checks"):
+        for name in ("invariants", "smoke_checks", "checks", "rollback_smoke_checks"):
             funcs = list(getattr(self, name))
             if not all(callable(f) for f in funcs):
                 raise MigrationFileError(f"migration {self.id}: every entry of {name} must be callable")

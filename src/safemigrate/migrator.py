@@ -241,31 +241,40 @@ class Migrator:
         try:
             migration = migration_for_run(self.migrations(), run)
         except ChecksumMismatchError:
-            if strategy == "reverse":
+            if strategy in ("reverse", "auto"):  # an edited file is bad input: refuse
                 raise
         except MigrationFileError:
             if strategy == "reverse":
                 raise
         return RollbackExecutor(self, run, migration, strategy, reason)
 
-    def rollback_plan(self, run_id: str | None = None, strategy: str = "reverse") -> RollbackPlan:
+    def rollback_plan(self, run_id: str | None = None, strategy: str = "auto") -> RollbackPlan:
         self._open(write=False)
         if not self._journal_ready:
             raise UsageError("this database has no safemigrate journal: nothing to roll back")
         return self._executor(run_id, strategy, "dry run").prerequisites()
 
-    def rollback(self, run_id: str | None = None, strategy: str = "reverse",
+    def rollback(self, run_id: str | None = None, strategy: str = "auto",
                  reason: str = "requested by operator") -> RollbackResult:
-        self._open(write=True)
-        with self._locked("rollback"):
-            return self.rollback_run(run_id, strategy=strategy, reason=reason, locked=True)
+        """The eight journaled, resumable steps of `safemigrate.rollback`; a live runner is
+        first asked to stop through the control channel (bounded wait for its lock)."""
+        from .rollback import stop_live_runner
+        from .rollback_validate import RollbackSettings
 
-    def rollback_run(self, run_id: str | None, *, strategy: str = "reverse", reason: str,
-                     locked: bool) -> RollbackResult:
+        self._open(write=True)
+        stopped = stop_live_runner(self, reason=f"rollback: {reason}",
+                                   timeout=RollbackSettings.from_settings(self.settings).stop_timeout)
+        with self._locked("rollback"):
+            return self.rollback_run(run_id, strategy=strategy, reason=reason, locked=True,
+                                     stopped=stopped)
+
+    def rollback_run(self, run_id: str | None, *, strategy: str = "auto", reason: str,
+                     locked: bool, stopped: dict[str, Any] | None = None) -> RollbackResult:
         """Roll back while already holding the lock (the runner calls this on auto-rollback)."""
         if not locked:
             return self.rollback(run_id, strategy, reason)
         executor = self._executor(run_id, strategy, reason)
+        executor.stopped = stopped
         self.lock_attach(executor.run_id)
         return executor.execute()
 

@@ -203,6 +203,9 @@ class Runner:
                     )
                 self._refuse_unaddressable_rows(conn, table)
         self._run_own_checks()
+        from .rollback_validate import record_canary_baseline
+
+        record_canary_baseline(self.m, self.run_id)  # what the rollback validator compares with
         affected = sorted(self.migration.tables() - created)
         self._install_capture(affected)
         try:

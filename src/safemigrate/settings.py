@@ -13,7 +13,8 @@ from ._exceptions import ConfigError
 CONFIG_FILE = "safemigrate.toml"
 
 # Tables in the config file, each read by the module that owns it (see `section_settings`).
-SECTIONS = ("backup", "checks", "guards", "monitor", "notify", "hooks", "degradation", "canaries")
+SECTIONS = ("backup", "checks", "guards", "monitor", "notify", "hooks", "degradation", "canaries",
+            "rollback")
 
 
 @dataclass

@@ -74,4 +74,18 @@ def build_status(migrator: Migrator) -> dict[str, Any]:
     out["run"]["rate"] = running[0]["rate"] if running else None
     out["run"]["eta_seconds"] = running[0]["eta_seconds"] if running else None
     out["run"]["metrics"] = journal.get_state(metrics_key(run["id"]))  # the runner's last snapshot
+    out["run"]["rollback"] = _rollback(journal, run["id"])
     return out
+
+
+def _rollback(journal: Any, run_id: str) -> dict[str, Any] | None:
+    """The latest rollback attempt of the run: its eight steps, so a crashed one is visible."""
+    from .rollback import progress_of
+
+    progress = progress_of(journal, run_id)
+    if progress is None:
+        return None
+    keep = ("attempt", "status", "strategy", "why", "reason", "started", "finished", "error", "backup")
+    return {**{k: progress.get(k) for k in keep},
+            "steps": [{k: s.get(k) for k in ("name", "status", "started", "finished", "details")}
+                      for s in progress.get("steps") or []]}

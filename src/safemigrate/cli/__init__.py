@@ -311,6 +311,14 @@ def status(as_json: bool, db: str | None, migrations: Path | None, backup_dir: P
             out.print(f"  key {q['pk']}: {q['error']}")
     if run_info["error"]:
         out.print(f"[bold red]error:[/] {run_info['error']}")
+    if run_info.get("rollback"):
+        rb = run_info["rollback"]
+        out.print(f"rollback (attempt {rb['attempt']}, strategy {rb['strategy']}): {rb['status']}")
+        for number, step in enumerate(rb["steps"], 1):
+            mark = {"done": "[green]✔[/]", "failed": "[bold red]✘[/]", "running": "[cyan]…[/]"}.get(
+                step["status"], " ")
+            out.print(f"  {mark} {number}. {step['name']}: {step['status']}"
+                      + (f" — {step['details']}" if step["details"] else ""), soft_wrap=True)
     for e in run_info["errors"]:
         out.print(f"[red]{fmt_time(e['ts'])} {e['kind']}: {e['message']}[/]")
     print_live(info)
@@ -345,8 +353,9 @@ def history(as_json: bool, limit: int, events: bool, db: str | None, migrations:
 # -- rollback / verify -----------------------------------------------------------------------------
 @main.group(invoke_without_command=True)
 @click.option("--run", "run_id", default=None, help="Run to roll back (default: the last one).")
-@click.option("--strategy", type=click.Choice(["reverse", "restore"]), default="reverse",
-              show_default=True, help="Undo the steps, or restore the tables from the snapshot.")
+@click.option("--strategy", type=click.Choice(["auto", "reverse", "restore"]), default="auto",
+              show_default=True, help="Undo the steps (reverse), or restore the tables from the "
+              "snapshot; auto reverses unless a step is irreversible or the file is gone.")
 @click.option("--reason", default=None, help="Why (journaled).")
 @click.option("--dry-run", is_flag=True, help="Print the rollback plan and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -383,6 +392,9 @@ def rollback(ctx: click.Context, run_id: str | None, strategy: str, reason: str 
             for action in plan_.actions or ["nothing was changed; the run is only marked rolled back"]:
                 out.print(f"  • {action}", markup=False)
         if dry_run:
+            out.print(f"steps (strategy {plan_.strategy}: {plan_.why}):")
+            for number, (step, what) in enumerate(plan_.steps, 1):
+                out.print(f"  {number}. {step}: {what}", markup=False)
             return
         confirm(f"Roll back run {plan_.run_id}?", yes)
         bus.subscribe(renderer)
@@ -397,13 +409,24 @@ def rollback(ctx: click.Context, run_id: str | None, strategy: str, reason: str 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--after-rollback", is_flag=True,
+              help="Check the last rolled-back run: integrity, digests, smoke checks, canaries, "
+              "[rollback] checks.")
+@click.option("--run", "run_id", default=None, help="With --after-rollback: the run to check.")
 @common
 @handle_errors
-def verify(as_json: bool, db: str | None, migrations: Path | None, backup_dir: Path | None,
-           yes: bool) -> None:
+def verify(as_json: bool, after_rollback: bool, run_id: str | None, db: str | None,
+           migrations: Path | None, backup_dir: Path | None, yes: bool) -> None:
     """Integrity and consistency checks plus the migrations' smoke checks."""
+    if run_id and not after_rollback:
+        raise UsageError("--run needs --after-rollback", "safemigrate verify --after-rollback --run ID")
     with migrator_from(settings_from(db, migrations, backup_dir)) as m:
-        results = m.verify()
+        if after_rollback:
+            from ..rollback_validate import verify_after_rollback
+
+            _run, results = verify_after_rollback(m, run_id)
+        else:
+            results = m.verify()
     ok = not failed(results)
     if as_json:
         print_json({"ok": ok, "checks": [r.as_dict() for r in results]})
@@ -477,3 +500,7 @@ _register_control(main, rollback)
 from .backup import backup as _backup  # noqa: E402 - registered once `main` exists
 
 main.add_command(_backup)
+
+from .emergency import emergency as _emergency  # noqa: E402 - registered once `main` exists
+
+main.add_command(_emergency)

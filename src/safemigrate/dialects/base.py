@@ -115,6 +115,11 @@ class Dialect(ABC):
         """Refresh the planner statistics of a table (MySQL spells it ANALYZE TABLE)."""
         return f"ANALYZE {self.quote(table)}"
 
+    def rebuild_indexes_sql(self, conn: Connection, table: str) -> list[str]:
+        """Statements that rebuild the indexes of `table` (after a rollback); statistics are
+        refreshed separately with `analyze_sql`. SQLite spells it REINDEX."""
+        return [f"REINDEX {self.quote(table)}"]
+
     def has_index(self, conn: Connection, table: str, name: str) -> bool:
         return name in {i["name"] for i in sa.inspect(conn).get_indexes(table)}
 

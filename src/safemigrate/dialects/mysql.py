@@ -597,6 +597,14 @@ class MySQLDialect(Dialect):
     def analyze_sql(self, table: str) -> str:
         return f"ANALYZE TABLE {self.quote(table)}"
 
+    def rebuild_indexes_sql(self, conn: Connection, table: str) -> list[str]:
+        """InnoDB keeps its B-trees valid and DROP COLUMN already rebuilt the table: nothing
+        (ANALYZE TABLE refreshes the statistics). MyISAM/Aria tables are OPTIMIZEd."""
+        engine = conn.exec_driver_sql(
+            "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+            "AND TABLE_NAME = %s", (table,)).scalar()
+        return [] if str(engine or "InnoDB").lower() == "innodb" else [f"OPTIMIZE TABLE {self.quote(table)}"]
+
     def has_index(self, conn: Connection, table: str, name: str) -> bool:
         return conn.exec_driver_sql(
             "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() "

@@ -306,6 +306,9 @@ class PostgreSQLDialect(Dialect):
     name = "postgresql"
     transactional_ddl = True
 
+    def rebuild_indexes_sql(self, conn: Connection, table: str) -> list[str]:
+        return [f"REINDEX TABLE {self.quote(table)}"]
+
     def __init__(self, url: URL, *, lock_timeout: float = 10.0, use_pg_dump: bool | None = None,
                  statement_timeout: float | None = None) -> None:
         super().__init__(url, lock_timeout=lock_timeout)

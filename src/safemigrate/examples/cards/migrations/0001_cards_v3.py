@@ -38,4 +38,5 @@ migration = Migration(
         smoke.check_folder_query,
         smoke.check_tag_query,
     ],
+    rollback_smoke_checks=list(smoke.ROLLBACK_SMOKE_CHECKS),  # the v2 schema, after a rollback
 )
