@@ -19,6 +19,9 @@ from safemigrate.dialects import SQLiteDialect
 from safemigrate.digest import database_digest
 from safemigrate.examples.cards import MIGRATIONS_DIR, generate
 
+# `backend` and `db_url` fixtures (every engine, a fresh database each) for any test module.
+pytest_plugins = ["backends"]
+
 SAFEMIGRATE = Path(sys.executable).parent / "safemigrate"
 CARDS_MIGRATIONS = MIGRATIONS_DIR
 
