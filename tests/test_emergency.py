@@ -132,3 +132,39 @@ def test_emergency_with_nothing_to_roll_back(tmp_path) -> None:
     assert statuses["restore_services"] == "completed"
     blank = p.cli("emergency", "--reason", " ")
     assert blank.returncode == 2 and blank.stderr.startswith("error:") and "hint:" in blank.stderr
+
+
+def test_emergency_stops_a_live_runner_through_the_control_channel(tmp_path) -> None:
+    p = project(tmp_path, "time.sleep(0.003)\nreturn {'label': row['name'].upper()}")
+    before = p.digest()
+    run = p.start()
+    run.wait_event("batch")
+    assert run.proc.poll() is None, "the runner is alive when the emergency is declared"
+    proc = p.cli("emergency", "--reason", "latency alarms", "--stop-timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert run.finish() == 1 and "aborted" in run.stderr, run.stderr
+    assert p.digest() == before, "rolled back to the original content and schema"
+    # the timeline: the live runner was stopped first, by its pid, then the rest in order
+    timeline = re.findall(r"^\s+\d\d:\d\d:\d\d\.\d{3}\s+(\w+)\s+(\w+)\s*(.*)$", proc.stdout, re.M)
+    assert [(a, s) for a, s, _ in timeline] == [
+        ("emergency_stop", "completed"), ("emergency_mode", "completed"),
+        ("notify_team", "skipped"), ("emergency_rollback", "completed"),
+        ("system_validation", "completed"), ("restore_services", "completed")]
+    with p.migrator() as m:
+        run_id = m.journal.runs(1)[0]["id"]
+        events = m.journal.events()
+        assert m.journal.run(run_id)["status"] == "rolled_back"
+        assert progress_of(m.journal, run_id)["status"] == "completed"
+    assert f"running migration stopped (run {run_id}, pid {run.proc.pid})" in timeline[0][2], \
+        timeline[0]
+    stop = next(e for e in events if e["kind"] == "emergency.emergency_stop")
+    assert stop["data"]["status"] == "completed"
+    assert f"(run {run_id}, pid {run.proc.pid})" in stop["data"]["details"], stop
+    kinds = [e["kind"] for e in events]
+    abort = next(e for e in events if e["kind"] == "control.abort")
+    assert abort["data"]["pid"] == run.proc.pid and "latency alarms" in abort["data"]["reason"]
+    assert kinds.index("control.abort") < kinds.index("emergency.emergency_stop") \
+        < kinds.index("emergency.emergency_rollback")
+    assert "lock.takeover" not in kinds, "the runner let go of its lock: nothing to take over"
+    with Degradation(p.db, ttl=0) as client:
+        assert client.level() == "normal", "validation passed: service restored"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
+import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from backends import create_database, drop_database
-from conftest import CARDS_MIGRATIONS, cli, digest_db
+from conftest import CARDS_MIGRATIONS, assert_one_error_line, cli, digest_db, query
 from live import project
 from safemigrate._exceptions import RollbackError
 from safemigrate.degrade import Degradation
@@ -334,3 +338,181 @@ def test_status_shows_a_failed_rollback_step_and_its_resumption(tmp_path: Path) 
     assert status["status"] == "completed" and status["attempt"] == 1, "the same attempt resumed"
     assert [s["status"] for s in status["steps"]] == ["done"] * len(STEPS)
     assert digest_db(db) == original
+
+
+# -- the restore strategy, step 5, the CLI after a failure, the validator's listings -------------
+def _app_write(db: Path, *statements: str) -> None:
+    """The application writes (its own connection; waits for the runner's batch to commit)."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        with conn:
+            for sql in statements:
+                conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def test_restore_exports_the_rows_the_application_changed_during_the_migration(
+        tmp_path: Path) -> None:
+    p = project(tmp_path, "time.sleep(0.01)\nreturn {'label': row['name'].upper()}", rows=300)
+    before = p.digest()
+    run = p.start()
+    run.wait_event("batch")
+    _app_write(p.db,
+               "INSERT INTO items (id, name, n, note, label) VALUES (9001, 'app-new', 7, "
+               "'from the app', 'old')",
+               "UPDATE items SET note = 'edited by the app' WHERE id = 5",
+               "DELETE FROM items WHERE id = 7")
+    assert run.proc.poll() is None, "the application wrote while the migration ran"
+    assert run.finish() == 0, run.stderr
+    assert p.query("SELECT label FROM items WHERE id = 9001") == [("APP-NEW",)], "migrated too"
+    done = p.cli("rollback", "--strategy", "restore", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["strategy"] == "restore"
+    assert p.digest() == before, "the tables are the snapshot again"
+    with p.migrator() as m:
+        (snapshot,) = [b for b in m.journal.backups(result["run_id"], kind="snapshot")]
+        exported = [e for e in m.journal.events(result["run_id"]) if e["kind"] == "rollback.exported"]
+    location = Path(snapshot["location"])
+    path = location.with_name(f"{location.stem}.application-changes.jsonl")
+    assert path.exists(), sorted(location.parent.iterdir())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "it holds application data, like a backup"
+    perform = next(s for s in result["steps"] if s["name"] == "perform")
+    assert str(path) in perform["details"]
+    assert len(exported) == 1 and exported[0]["data"] == {"file": str(path), "rows": 3}
+    lines = {tuple(r["key"]): r for r in map(json.loads, path.read_text().splitlines())}
+    # just the application's rows: the 300 labels the migration itself wrote are not in it
+    assert set(lines) == {(5,), (7,), (9001,)}, sorted(lines)[:10]
+    assert all(r["table"] == "items" for r in lines.values())
+    assert lines[(9001,)]["change"] == "added"
+    assert {k: lines[(9001,)]["row"][k] for k in ("id", "name", "n", "note")} == \
+        {"id": 9001, "name": "app-new", "n": 7, "note": "from the app"}
+    assert lines[(5,)]["change"] == "changed" and lines[(5,)]["columns"] == ["label", "note"]
+    assert lines[(5,)]["row"]["note"] == "edited by the app"
+    assert lines[(7,)]["change"] == "deleted" and lines[(7,)]["row"] is None
+    # the restore replaced them: the file is where they survive
+    assert p.query("SELECT note FROM items WHERE id IN (5, 9001)") == [("note 5",)]
+
+
+def test_rebuild_step_reindexes_and_analyzes_the_affected_tables(tmp_path: Path) -> None:
+    db, settings, original, _migrated = _migrated_cards(tmp_path, rows=300)
+    # planner statistics gone stale while the migration ran
+    _app_write(db, "UPDATE sqlite_stat1 SET stat = '1 1' WHERE idx = 'idx_cards_folder_id'")
+    executed: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        executed.append(" ".join(statement.split()))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        with Migrator(settings) as m:
+            result = m.rollback(reason="test: rebuild")
+            progress = progress_of(m.journal, result.run_id)
+            events = [e for e in m.journal.events(result.run_id)
+                      if e["kind"] == "rollback.step.done" and e["data"]["step"] == "rebuild"]
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    assert digest_db(db) == original
+    rebuild = next(s for s in progress["steps"] if s["name"] == "rebuild")
+    assert rebuild["status"] == "done"
+    assert re.search(r'REINDEX "?cards"?', rebuild["details"]), rebuild["details"]
+    assert rebuild["details"].endswith("statistics refreshed: cards"), rebuild["details"]
+    assert len(events) == 1 and events[0]["data"]["details"] == rebuild["details"]
+    reindex = [i for i, sql in enumerate(executed) if re.fullmatch(r'REINDEX "?cards"?', sql)]
+    analyze = [i for i, sql in enumerate(executed) if re.fullmatch(r'ANALYZE "?cards"?', sql)]
+    assert reindex and analyze and reindex[-1] < analyze[-1], "rebuilt, then statistics"
+    # the index of the v2 schema is there, valid and used; the migration's own are gone
+    indexes = {r[1] for r in query(db, "PRAGMA index_list(cards)")}
+    assert "idx_cards_folder_id" in indexes
+    assert not indexes & {"idx_cards_content_hash", "idx_cards_style_type"}
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    plan = " ".join(r[-1] for r in query(db, "EXPLAIN QUERY PLAN SELECT id FROM cards "
+                                             "WHERE folder_id = 1"))
+    assert "idx_cards_folder_id" in plan, plan
+    by_index = query(db, "SELECT id FROM cards INDEXED BY idx_cards_folder_id "
+                         "WHERE folder_id = 1 ORDER BY id")
+    assert by_index and by_index == query(db, "SELECT id FROM cards NOT INDEXED "
+                                              "WHERE folder_id = 1 ORDER BY id")
+    (count,) = query(db, "SELECT COUNT(*) FROM cards")[0]
+    (stat1,) = query(db, "SELECT stat FROM sqlite_stat1 WHERE idx = 'idx_cards_folder_id'")
+    assert stat1[0].split()[0] == str(count), "ANALYZE refreshed the stale statistics"
+
+
+def test_cli_rollback_after_a_validation_failure_says_what_to_do_and_recovers(
+        tmp_path: Path) -> None:
+    db, settings, _original, migrated = _migrated_cards(tmp_path, rows=200)
+    args = ("--db", db, "--migrations", settings.migrations, "--backup-dir", settings.backup_dir)
+    proc = cli("rollback", "--yes", *args, cwd=tmp_path,
+               env={"SAFEMIGRATE_FAULTS": "rollback.validate"})
+    line = assert_one_error_line(proc, 1, tmp_path, "rollback")
+    problem, hint = line.split("(hint:", 1)
+    assert "step validate failed" in problem and "fault injected" in problem, line
+    assert "recovered" in problem and "before the rollback" in problem, line
+    assert "safemigrate rollback" in hint and "maintenance mode stays on" in hint, line
+    assert digest_db(db) == migrated, "recovered: exactly the state before the rollback"
+    with Migrator(settings) as m:
+        run = m.journal.runs(1)[0]
+        assert run["status"] == "completed"
+        assert set(m.journal.applied()) == {"0001_cards_v3"}
+        assert progress_of(m.journal, run["id"])["status"] == "recovered"
+    assert _level(settings) == "maintenance"
+
+
+def test_consistency_check_lists_the_rows_the_application_changed(tmp_path: Path) -> None:
+    p = project(tmp_path, "return {'label': row['name'].upper()}", rows=100)
+    with p.migrator() as m:
+        (ran,) = m.run()
+    assert ran.status == "completed"
+    _app_write(p.db, "UPDATE items SET note = 'app' WHERE id IN (3, 42)",
+               "INSERT INTO items (id, name, n, note, label) VALUES (501, 'new', 1, 'app', 'x')",
+               "DELETE FROM items WHERE id = 17")
+    with p.migrator() as m:
+        result = m.rollback(reason="test: listing")
+    content = next(c for c in result.checks if c.name == "content")
+    assert content.passed, content.details
+    listed = re.search(r"kept: items: (\d+) rows, e\.g\. (\[.*\])", content.details)
+    assert listed, content.details
+    assert int(listed.group(1)) == 4
+    assert sorted(json.loads(listed.group(2))) == [[3], [17], [42], [501]]
+    assert p.query("SELECT label, COUNT(*) FROM items GROUP BY label") == [("old", 99), ("x", 1)], \
+        "labels restored; the application's rows kept"
+    proc = p.cli("verify", "--after-rollback", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["content"]["details"] == content.details
+
+
+SLOW_CANARY = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+               "WHERE x < (SELECT n FROM knob)) SELECT COUNT(*) FROM c")
+
+
+def test_performance_check_compares_canaries_with_the_pre_migration_baseline(
+        tmp_path: Path) -> None:
+    p = project(tmp_path, "return {'label': row['name'].upper()}", rows=100,
+                config=f'[canaries]\nqueries = ["{SLOW_CANARY}"]\n\n'
+                '[rollback]\ncanary_tolerance = 0.5\ncanary_slack_ms = 20.0\n')
+    _app_write(p.db, "CREATE TABLE knob (n INTEGER NOT NULL)", "INSERT INTO knob VALUES (1)")
+    assert p.cli("run").returncode == 0
+    with p.migrator() as m:
+        run_id = m.journal.runs(1)[0]["id"]
+        baseline = m.journal.get_state(f"canaries:{run_id}")
+    assert baseline["queries"][SLOW_CANARY]["ms"] is not None, baseline
+    # as fast as before: passes, and says what it compared
+    with p.migrator() as m:
+        result = m.rollback(reason="test: canaries")
+    performance = next(c for c in result.checks if c.name == "performance")
+    assert performance.passed, performance.details
+    assert "baseline" in performance.details and "limit" in performance.details
+    # the same canary made expensive: far beyond baseline * 1.5 + 20 ms
+    _app_write(p.db, "UPDATE knob SET n = 400000")
+    proc = p.cli("verify", "--after-rollback", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert not checks["performance"]["passed"]
+    details = checks["performance"]["details"]
+    assert details.startswith("slower than before the migration"), details
+    after, before, limit = map(float, re.search(
+        r"([\d.]+) ms \(baseline ([\d.]+) ms, limit ([\d.]+)\)", details).groups())
+    assert after > limit >= before * 1.5 + 20.0 - 0.1
+    assert all(c["passed"] for name, c in checks.items() if name != "performance"), checks

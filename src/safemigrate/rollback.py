@@ -626,12 +626,18 @@ class RollbackExecutor:
             done.append(detail)
         return done
 
-    def _export_application_changes(self, snapshot: Path) -> Path | None:
-        """Rows the application inserted or changed since the snapshot, as JSON lines beside
-        the backup: the restore is about to replace them (they are also in the pre-rollback
-        backup; this file lists just them)."""
+    def _export_application_changes(self, snapshot: Path, location: Path) -> Path | None:
+        """Rows the application inserted, changed or deleted since the snapshot, as JSON lines
+        beside the backup (`location`; `snapshot` is its plain file): the restore is about to
+        replace them (they are also in the pre-rollback backup; this file lists just them).
+
+        A row that differs only in columns the migration's backfills write is the migration's
+        own change, not the application's, and is left out (the capture triggers draw the same
+        line). Without the migration file every difference is exported."""
         baseline = self.run["baseline"]
-        target = snapshot.with_name(f"{snapshot.stem}.application-changes.jsonl")
+        written = self.migration.written_columns() if self.migration is not None else {}
+        name = location.name.removesuffix(".zst")
+        target = location.with_name(f"{Path(name).stem}.application-changes.jsonl")
         count = 0
         with self.dialect.engine.connect() as live, self.dialect.snapshot_reader(snapshot) as snap:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -639,14 +645,17 @@ class RollbackExecutor:
                 for table in baseline["tables"]:
                     t = reflect(live, table)
                     pk = list(t.primary_key.columns)
-                    for key, kind, _cols in row_differences(live, snap, table):
+                    for key, kind, cols in row_differences(live, snap, table):
+                        if kind == "changed" and not cols - written.get(table, set()):
+                            continue  # only the migration's columns differ
                         row = None
                         if kind != "deleted" and pk:
                             match = sa.and_(*[c == v for c, v in zip(pk, key, strict=True)])
                             found = live.execute(sa.select(t).where(match)).mappings().first()
                             row = dict(found) if found else None
                         out.write(json.dumps({"table": table, "key": list(key), "change": kind,
-                                              "row": row}, default=str) + "\n")
+                                              "columns": sorted(cols), "row": row},
+                                             default=str) + "\n")
                         count += 1
         if not count:
             target.unlink()
@@ -661,7 +670,7 @@ class RollbackExecutor:
         snapshot = self._snapshot_record()
         with plain_snapshot(self.dialect, snapshot["location"]) as path:  # decompressed if need be
             assert path is not None
-            exported = self._export_application_changes(path)
+            exported = self._export_application_changes(path, Path(snapshot["location"]))
             self.dialect.restore_tables(path, baseline["tables"], baseline["created"])
         changed = self._changed_steps()  # read before BEGIN IMMEDIATE: its own connection would wait
         with self.dialect.engine.begin() as conn:
