@@ -22,11 +22,16 @@ import pytest
 import sqlalchemy as sa
 
 from backends import MY_ADMIN, create_database, drop_database
-from safemigrate import DatabaseError
+from safemigrate import ConfigError, DatabaseError
 from safemigrate.backup import take_snapshot, verify_snapshot_file
 from safemigrate.capture import install
 from safemigrate.dialects import dialect_for
-from safemigrate.dialects.mysql import CLIENTS_ENV, MySQLDialect, iter_statements
+from safemigrate.dialects.mysql import (
+    CLIENTS_ENV,
+    STATEMENT_TIMEOUT_ENV,
+    MySQLDialect,
+    iter_statements,
+)
 from safemigrate.digest import database_digest
 from safemigrate.events import EventBus
 from safemigrate.examples.cards import MIGRATIONS_DIR
@@ -256,6 +261,54 @@ def test_sessions_journal_and_identity(my_url: str) -> None:
             holder = current_holder(journal)
             assert holder is not None and holder["owner"] == lock.owner
         assert current_holder(journal) is None
+    finally:
+        d.dispose()
+
+
+def test_statement_timeout_stops_a_long_statement(my_url: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session has a statement timeout besides the lock ones (PostgreSQL's
+    statement_timeout): a statement running past it fails fast, with the error and hint the
+    PostgreSQL dialect gives, and is not taken for a lock wait (not retried)."""
+    monkeypatch.delenv(STATEMENT_TIMEOUT_ENV, raising=False)
+    assert dialect(my_url).statement_timeout == 3600.0
+    monkeypatch.setenv(STATEMENT_TIMEOUT_ENV, "nonsense")
+    with pytest.raises(ConfigError):
+        dialect(my_url)
+    monkeypatch.setenv(STATEMENT_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(CLIENTS_ENV, "0")
+    d = dialect(my_url)
+    try:
+        assert d.statement_timeout == 1.0
+        with d.engine.connect() as conn:
+            mariadb = "mariadb" in str(conn.exec_driver_sql("SELECT VERSION()").scalar()).lower()
+        # MariaDB limits every statement (seconds); MySQL only SELECTs (milliseconds)
+        variable, value = ("max_statement_time", 1.0) if mariadb else ("max_execution_time", 1000)
+        slow = ("SELECT SLEEP(5)" if mariadb  # MySQL's SLEEP() returns 1 instead of failing
+                else "SELECT BENCHMARK(5000000000, SHA2('x', 512))")
+
+        def session_limit() -> float:
+            with d.engine.connect() as conn:
+                return float(conn.exec_driver_sql(f"SELECT @@SESSION.{variable}").scalar())
+
+        assert session_limit() == value
+        started = time.monotonic()
+        with d.engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as err:
+            conn.exec_driver_sql(slow).all()
+        assert time.monotonic() - started < 4
+        assert not d.is_lock_timeout(err.value)
+        translated = d.translate_error(err.value)
+        assert type(translated) is DatabaseError
+        assert "a statement ran longer than 1s" in translated.message
+        assert STATEMENT_TIMEOUT_ENV in translated.hint and "0 = no limit" in translated.hint
+        # a snapshot lifts the limit on its own session only, and puts it back after
+        with d.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (id INT PRIMARY KEY)")
+        dest = tmp_path / "snap.sql"
+        dest.touch(mode=0o600)
+        d.snapshot(dest, ["t"])
+        assert d.last_snapshot_method == "export"
+        assert session_limit() == value
     finally:
         d.dispose()
 

@@ -586,20 +586,13 @@ def lock_cards_during_backfill(url: str, bus: EventBus,
     return thread, release
 
 
-# The corruption guard's per-row digest reads the batch range on its own connection; while the
-# table is locked that read times out and (as of writing) leaves a stale lookahead behind that
-# trips a false "rows vanished" on the next batch. Off here: these tests are about the writer.
-NO_DIGEST_GUARD = {"guards": {"corruption_digest": False}}
-
-
 def test_lock_timeout_is_retried_with_backoff(pg_url: str, tmp_path: Path) -> None:
     generate_into(pg_url, 3000, bad_rate=0.0)
     bus = EventBus()
     alerts: list[str] = []
     bus.subscribe(lambda e: alerts.append(e.message) if e.kind == "alert" else None)
     thread, _ = lock_cards_during_backfill(pg_url, bus, hold=3.0)
-    with Migrator(settings(pg_url, tmp_path, workers=1, batch_size=100, lock_timeout=0.5,
-                           sections=NO_DIGEST_GUARD), bus) as m:
+    with Migrator(settings(pg_url, tmp_path, workers=1, batch_size=100, lock_timeout=0.5), bus) as m:
         (result,) = m.run()
         journaled = [e["message"] for e in m.journal.events(result.run_id) if e["kind"] == "alert"]
     thread.join()
@@ -617,8 +610,7 @@ def test_lock_held_longer_than_the_retries_fails_clearly(pg_url: str, tmp_path: 
     thread, release = lock_cards_during_backfill(pg_url, bus, hold=60.0)
     started = time.monotonic()
     try:
-        with Migrator(settings(pg_url, tmp_path, workers=1, batch_size=100, lock_timeout=0.5,
-                               sections=NO_DIGEST_GUARD), bus) as m, \
+        with Migrator(settings(pg_url, tmp_path, workers=1, batch_size=100, lock_timeout=0.5), bus) as m, \
                 pytest.raises(DatabaseLockedError) as err:
             m.run()
     finally:

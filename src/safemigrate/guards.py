@@ -380,13 +380,21 @@ class CorruptionGuard:
         # application) is exactly what can no longer be trusted
         strategy = "restore"
         revalidate = self.s.corruption_sample > 0 and self.can_revalidate
-        with read_connection(self.dialect.engine) as conn:
-            # rows first, the change log after: a write the rows show is in the log by then
-            # (under READ COMMITTED too)
-            written = self._read_written(conn, stats) if revalidate else []
-            now = self._read_digests(conn, stats) if self._before else {}
-            excluded = self._app_changed(conn, stats.first_key, stats.last_key)
-            excluded_quarantine = self._quarantined_since(conn)
+        try:
+            with read_connection(self.dialect.engine) as conn:
+                # rows first, the change log after: a write the rows show is in the log by then
+                # (under READ COMMITTED too)
+                written = self._read_written(conn, stats) if revalidate else []
+                now = self._read_digests(conn, stats) if self._before else {}
+                excluded = self._app_changed(conn, stats.first_key, stats.last_key)
+                excluded_quarantine = self._quarantined_since(conn)
+        except Exception:
+            # A read that did not complete (a lock or statement timeout while the application
+            # holds the table) proves nothing: this batch is unchecked (reported by the caller),
+            # and the look-ahead, which described this batch's rows, must not be compared with
+            # the next batch's. The next batch's look-ahead is taken after that batch.
+            self._before = {}
+            raise
         if excluded is None:  # the application's writes cannot be told apart: no guess
             figures["change_log"] = "unreadable"
         else:
@@ -501,6 +509,8 @@ class CorruptionGuard:
             inside = _key_le(key, stats.last_key)
             if not inside:
                 continue  # not written yet (the next batch covers it)
+            if stats.first_key is not None and _key_le(stats.first_key, key) is False:
+                continue  # before the range read now: unknown, not vanished
             compared += 1
             after = now.get(key)
             if after != before:

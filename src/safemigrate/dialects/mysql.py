@@ -6,6 +6,12 @@ Sessions
     (metadata locks, i.e. DDL) set to ceil(lock_timeout) seconds on every connection, so no
     statement safemigrate issues waits long behind users, nor makes users queue long behind it.
     Error 1205 (lock wait timeout) and 1213 (deadlock) are reported as retryable.
+    A generous statement timeout too (`SAFEMIGRATE_MYSQL_STATEMENT_TIMEOUT` seconds, default
+    3600, 0 for none), as PostgreSQL's statement_timeout: MariaDB's `max_statement_time`
+    (seconds, every statement), MySQL's `max_execution_time` (milliseconds, read-only SELECTs
+    only: MySQL has no limit for other statements). Which server it is comes from the
+    connection's handshake. A statement stopped by it (MariaDB error 1969, MySQL 3024) is not
+    retried. Snapshots, loads and restores run without it, as on PostgreSQL.
 
 DDL is not transactional here (`transactional_ddl = False`): ddl.py journals each schema step
     before and after it runs (and retries one that timed out waiting for its metadata lock).
@@ -101,6 +107,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from .._exceptions import (
     BackupError,
+    ConfigError,
     DatabaseError,
     DatabaseLockedError,
     DiskFullError,
@@ -114,6 +121,9 @@ T = TypeVar("T")
 
 CLIENTS_ENV = "SAFEMIGRATE_MYSQLDUMP"  # "0": never use mysqldump / mysql, even when installed
 LOCK_TIMEOUT_CODES = frozenset({1205, 1213})  # lock wait timeout, deadlock: both worth a retry
+STATEMENT_TIMEOUT_ENV = "SAFEMIGRATE_MYSQL_STATEMENT_TIMEOUT"  # seconds; 0 = no limit
+DEFAULT_STATEMENT_TIMEOUT = 3600.0
+STATEMENT_TIMEOUT_CODES = frozenset({1969, 3024})  # MariaDB max_statement_time, MySQL max_execution_time
 EXPORT_MAGIC = "-- safemigrate logical export 1"
 EXPORT_END = "-- safemigrate export complete"
 DUMP_END = "-- Dump completed"
@@ -312,8 +322,20 @@ class MySQLDialect(Dialect):
     name = "mysql"
     transactional_ddl = False
 
-    def __init__(self, url: URL, *, lock_timeout: float = 10.0) -> None:
+    def __init__(self, url: URL, *, lock_timeout: float = 10.0,
+                 statement_timeout: float | None = None) -> None:
         super().__init__(url.set(drivername="mysql+pymysql"), lock_timeout=lock_timeout)
+        given: Any = statement_timeout
+        if statement_timeout is None:
+            given = os.environ.get(STATEMENT_TIMEOUT_ENV, "").strip() or DEFAULT_STATEMENT_TIMEOUT
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(f"the statement timeout ({STATEMENT_TIMEOUT_ENV}) must be a number "
+                              f"of seconds, 0 for no limit; got {given!r}")
+        self.statement_timeout = seconds
         self.last_snapshot_method: str | None = None  # "mysqldump" or "export", for the curious
         self.last_write_hold: float = 0.0  # seconds the last mysqldump snapshot held writes back
 
@@ -322,6 +344,36 @@ class MySQLDialect(Dialect):
     def lock_seconds(self) -> int:
         """lock_timeout as MySQL takes it: whole seconds, at least 1."""
         return max(1, math.ceil(self.lock_timeout))
+
+    @staticmethod
+    def _timeout_sql(dbapi_connection: Any, seconds: float) -> str:
+        """The session variable that limits a statement's run time to `seconds` (0: no limit)
+        on this server: MariaDB's max_statement_time (seconds), or MySQL's
+        max_execution_time (milliseconds, SELECT only)."""
+        if "mariadb" in str(dbapi_connection.get_server_info()).lower():
+            return f"max_statement_time = {seconds:.6f}"
+        return f"max_execution_time = {max(1, math.ceil(seconds * 1000)) if seconds > 0 else 0}"
+
+    def _session_sql(self, dbapi_connection: Any, statement_timeout: float) -> str:
+        return (f"SET SESSION innodb_lock_wait_timeout = {self.lock_seconds}, "
+                f"lock_wait_timeout = {self.lock_seconds}, "
+                + self._timeout_sql(dbapi_connection, statement_timeout))
+
+    @contextmanager
+    def _without_statement_timeout(self, conn: Connection) -> Iterator[None]:
+        """No statement timeout on `conn` for the block (a snapshot's copy and digests may take
+        longer than any statement of the migration should), the usual one again after it."""
+        dbapi = conn.connection.dbapi_connection
+        conn.exec_driver_sql("SET SESSION " + self._timeout_sql(dbapi, 0))
+        try:
+            yield
+        finally:
+            if not conn.invalidated:
+                try:
+                    conn.exec_driver_sql("SET SESSION " + self._timeout_sql(
+                        dbapi, self.statement_timeout))
+                except sa.exc.DBAPIError:
+                    conn.invalidate()  # its session settings must not go back to the pool
 
     def create_engine(self) -> Engine:
         return self._build_engine(self.url)
@@ -336,13 +388,11 @@ class MySQLDialect(Dialect):
             isolation_level="REPEATABLE READ",
             connect_args={"charset": "utf8mb4", "binary_prefix": True, "connect_timeout": 10},
         )
-        seconds = self.lock_seconds
 
         @sa.event.listens_for(engine, "connect")
         def _session(dbapi_connection: Any, _record: Any) -> None:
             with dbapi_connection.cursor() as cursor:
-                cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {seconds}, "
-                               f"lock_wait_timeout = {seconds}")
+                cursor.execute(self._session_sql(dbapi_connection, self.statement_timeout))
 
         return engine
 
@@ -363,9 +413,8 @@ class MySQLDialect(Dialect):
         except pymysql.err.MySQLError as exc:
             raise self.translate_error(exc) from None
         try:
-            with conn.cursor() as cursor:
-                cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {self.lock_seconds}, "
-                               f"lock_wait_timeout = {self.lock_seconds}")
+            with conn.cursor() as cursor:  # loads and restores: no statement timeout
+                cursor.execute(self._session_sql(conn, 0))
             yield conn
         finally:
             conn.close()
@@ -423,6 +472,10 @@ class MySQLDialect(Dialect):
         if code in LOCK_TIMEOUT_CODES:
             what = "a deadlock" if code == 1213 else f"waiting {self.lock_seconds}s for a lock"
             return DatabaseLockedError(f"gave up on {where}/{database}: {what} ({text})")
+        if code in STATEMENT_TIMEOUT_CODES:
+            return DatabaseError(
+                f"a statement ran longer than {self.statement_timeout:g}s on {database} at {where}",
+                f"raise {STATEMENT_TIMEOUT_ENV} (seconds; 0 = no limit)")
         if code == 1040:
             return DatabaseError(f"the server at {where} has too many connections",
                                  "retry later, or raise max_connections")
@@ -805,6 +858,7 @@ class MySQLDialect(Dialect):
         database = str(self.url.database)
         with (self._defaults_file() as defaults,
               self.engine.connect() as conn,
+              self._without_statement_timeout(conn),
               self.engine.connect() as locker,
               open(dest, "wb") as out,
               tempfile.TemporaryFile() as stderr):
@@ -887,7 +941,7 @@ class MySQLDialect(Dialect):
 
     def _snapshot_export(self, dest: Path, tables: list[str]) -> dict[str, Any]:
         """The logical export: file and digests from one consistent-snapshot transaction."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn, self._without_statement_timeout(conn):
             conn.rollback()
             conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             changed = False  # the session's sql_mode / time_zone differ from the pool's
