@@ -487,3 +487,76 @@ def test_backup_round_trip_on_a_server(kind: str, tmp_path: Path) -> None:
     finally:
         engine.dispose()
         drop_database(kind, url)
+
+
+# -- audit of issue 3: a damaged shadow layer ----------------------------------------------------------
+def migrate_with_shadow(db: Path, tmp_path: Path) -> tuple[str, str, str]:
+    """Run SHADOWED to completion: (run id, its snapshot's backup id, the shadow table)."""
+    folder = tmp_path / "migrations"
+    folder.mkdir(exist_ok=True)
+    (folder / "0001_styles.py").write_text(textwrap.dedent(SHADOWED))
+    with Migrator(settings(db, tmp_path, folder)) as m:
+        (result,) = m.run()
+        record = m.journal.backups(result.run_id, kind="snapshot")[0]
+    (shadow,) = [la["location"].removeprefix("table ") for la in load_manifest(Path(record["location"]))
+                 ["layers"] if la["layer"] == "shadow"]
+    return result.run_id, record["id"], shadow
+
+
+def damage_shadow(db: Path, shadow: str, damage: str) -> None:
+    conn = sqlite3.connect(db)
+    if damage == "truncated":
+        conn.execute(f"DELETE FROM {shadow} WHERE id % 2 = 0")  # half the old values gone
+    else:
+        conn.execute(f"DROP TABLE {shadow}")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "dropped"])
+def test_verify_names_a_damaged_shadow_layer(db: Path, tmp_path: Path, damage: str) -> None:
+    run_id, backup_id, shadow = migrate_with_shadow(db, tmp_path)
+    write_config(tmp_path, db)
+    (tmp_path / "safemigrate.toml").write_text((tmp_path / "safemigrate.toml").read_text().replace(
+        str(CARDS_MIGRATIONS), str(tmp_path / "migrations")))
+    assert cli("backup", "verify", backup_id, cwd=tmp_path).returncode == 0
+    damage_shadow(db, shadow, damage)
+    proc = cli("backup", "verify", backup_id, cwd=tmp_path)
+    line = error_line(proc, 1)
+    assert f"layer shadow ({shadow})" in line and backup_id in line, line
+    expected = f"holds {ROWS // 2} rows, the manifest says {ROWS}" if damage == "truncated" else "is missing"
+    assert expected in line and "restore strategy" in line, line
+    proc = cli("backup", "verify", backup_id, "--json", cwd=tmp_path)
+    layers = {la["layer"]: la["status"] for la in json.loads(proc.stdout)["layers"]}
+    assert proc.returncode == 1 and layers == {"snapshot": "verified", "shadow": "failed"}
+    (message,) = query(db, "SELECT message FROM safemigrate_events WHERE kind = 'backup.verify' "
+                           "AND level = 'error' LIMIT 1")[0]
+    assert "layer shadow" in message
+    assert query(db, "SELECT status FROM safemigrate_runs WHERE id = ?", (run_id,)) == [("completed",)]
+
+
+@pytest.mark.parametrize("damage", [
+    "truncated",
+    "dropped",
+])
+def test_reverse_rollback_refuses_a_damaged_shadow(db: Path, tmp_path: Path, damage: str) -> None:
+    """Rollback step 1: the layer the strategy needs must exist *and verify*. A damaged shadow is
+    refused before anything changes (the hint names the restore strategy); the verified
+    snapshot then gives the original data back."""
+    original = digest_db(db)
+    run_id, _backup_id, shadow = migrate_with_shadow(db, tmp_path)
+    migrated = digest_db(db)
+    assert migrated != original
+    damage_shadow(db, shadow, damage)
+    folder = tmp_path / "migrations"
+    with Migrator(settings(db, tmp_path, folder)) as m, pytest.raises(BackupError) as info:
+        m.rollback(run_id)
+    assert shadow in info.value.message and "--strategy restore" in info.value.hint
+    assert digest_db(db) == migrated, "a refused rollback changes nothing"
+    assert query(db, "SELECT status FROM safemigrate_runs WHERE id = ?", (run_id,)) == [("completed",)]
+    assert not query(db, "SELECT 1 FROM safemigrate_backups WHERE kind = 'pre-rollback'"), \
+        "refused in its prerequisites, before the pre-rollback backup"
+    with Migrator(settings(db, tmp_path, folder)) as m:
+        result = m.rollback(run_id, strategy="restore")
+    assert result.status == "rolled_back" and result.strategy == "restore"
+    assert digest_db(db) == original

@@ -589,3 +589,140 @@ def test_check_suite_on_a_server(kind: str, tmp_path: Path) -> None:
         assert report.ready, [(c.name, c.details) for c in report.failed]
     finally:
         drop_database(kind, url)
+
+
+# -- audit of issue 3: the failing database check, --full through the CLI, a real long transaction ------
+def free_port() -> int:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    return port
+
+
+def test_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
+    """The database check failing: `check` cannot reach the database, so it reports one line
+    naming where it looked and what to do (a report of checks against nothing would say less)."""
+    port = free_port()
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/nowhere"
+    for extra in ([], ["--json"]):
+        proc = cli("check", *extra, "--db", url, "-m", CARDS_MIGRATIONS, cwd=tmp_path, timeout=60)
+        line = assert_one_error_line(proc, 1, tmp_path, "check")
+        assert f"127.0.0.1:{port}" in line and "connection refused" in line, line
+        assert "--db" in line.split("hint:")[1], "the remedy names the option to fix"
+        assert proc.stdout == "", "no report (nor JSON) for a database that is not there"
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(os.urandom(8192))
+    proc = cli("check", "--db", garbage, "-m", CARDS_MIGRATIONS, cwd=tmp_path)
+    line = assert_one_error_line(proc, 1, tmp_path, "check")
+    assert str(garbage) in line and "not a SQLite database" in line, line
+    gone = tmp_path / "gone" / "cards.db"
+    proc = cli("check", "--db", gone, "-m", CARDS_MIGRATIONS, cwd=tmp_path)
+    line = assert_one_error_line(proc, 1, tmp_path, "check")
+    assert str(gone) in line and "does not exist" in line, line
+    assert not gone.parent.exists(), "check never creates the database"
+
+
+def test_full_check_command_dry_runs_every_row(make_cards_db, tmp_path: Path) -> None:
+    """`check --full` through the CLI: every row of the table goes through the Backfill's
+    transform and validator, so bad rows the sample would miss are counted exactly."""
+    db = make_cards_db(2300)  # no malformed cards of its own
+    # the sample (1000 rows) reads ten windows of 100 keys from 1, 230, 460, ...: only id 50 is
+    # inside one of them
+    bad = [50, 150, 151, 400, 1100, 2250]
+    conn = sqlite3.connect(db)
+    conn.executemany("UPDATE cards SET style = '{\"color\":\"#ffffff\"}' WHERE id = ?",
+                     [(i,) for i in bad])  # a style without "type": rejected by the validator
+    conn.commit()
+    conn.close()
+    (total,) = query(db, "SELECT count(*) FROM cards")[0]
+    name = "sample:0001_cards_v3#6"
+    proc = cli("check", "--full", "--json", "--db", db, "-m", CARDS_MIGRATIONS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["full"] is True
+    sample = next(c for c in report["checks"] if c["name"] == name)
+    assert sample["data"]["full"] is True
+    assert sample["data"]["rows"] == total == 2300
+    assert sample["data"]["would_quarantine"] == len(bad)
+    assert sample["verdict"] == "warning" and f"all {total:,} rows of cards" in sample["details"]
+    assert {e["key"][0] for e in sample["data"]["examples"]} <= set(bad)
+    integrity = next(c for c in report["checks"] if c["name"] == "integrity")
+    assert integrity["details"].startswith("full integrity check")
+    sampled = json.loads(cli("check", "--json", "--db", db, "-m", CARDS_MIGRATIONS, cwd=tmp_path).stdout)
+    sample = next(c for c in sampled["checks"] if c["name"] == name)
+    assert sample["data"]["rows"] == 1000 and sample["data"]["would_quarantine"] == 1, \
+        "without --full only a sample is tried"
+    text = cli("check", "--full", "--db", db, "-m", CARDS_MIGRATIONS, cwd=tmp_path,
+               env={"COLUMNS": "400"})
+    assert text.returncode == 0 and f"all {total:,} rows of cards: {len(bad)} would be quarantined" \
+        in text.stdout, text.stdout
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_long_transaction_and_waiting_writer_on_a_real_server(backend: str, db_url: str,
+                                                              tmp_path: Path) -> None:
+    """A second connection keeps a transaction open past [checks] max_transaction_seconds: the
+    activity check fails and names it (pid, application); a writer queued behind its row lock
+    is a warning. No stand-in for the server's figures."""
+    import sqlalchemy as sa
+
+    from backends import engine_for
+    from safemigrate.examples.cards.generate import generate_into
+
+    generate_into(db_url, rows=50)
+    engine = engine_for(db_url)
+    s = Settings(db=db_url, migrations=CARDS_MIGRATIONS, backup_dir=tmp_path / "backups", workers=1,
+                 sections={"checks": {"max_transaction_seconds": 1.0}})
+    holder = engine.connect()
+    try:
+        holder.exec_driver_sql("SET application_name = 'sm-test-long-tx'")
+        holder.commit()
+        pid = holder.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        holder.exec_driver_sql("UPDATE folders SET name = name WHERE id = 1")  # opens the transaction
+        time.sleep(1.5)
+        with Migrator(s) as m:
+            report = preflight(m)
+        activity = outcome(report, "activity")
+        assert activity.verdict == "failed" and not report.ready, activity
+        assert "a transaction has been open for" in activity.details and "limit 1s" in activity.details
+        assert f"pid {pid}" in activity.details and "sm-test-long-tx" in activity.details, activity.details
+        assert activity.hint
+        listed = activity.data["health"]["long_transaction_list"]
+        assert any(t["pid"] == pid and t["seconds"] > 1.0 for t in listed), listed
+
+        errors: list[BaseException] = []
+
+        def wait_for_the_row() -> None:
+            try:
+                with engine.connect() as waiter:
+                    waiter.exec_driver_sql("SET lock_timeout = '20s'")
+                    waiter.exec_driver_sql("UPDATE folders SET name = name WHERE id = 1")
+                    waiter.rollback()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        writer = threading.Thread(target=wait_for_the_row)
+        writer.start()
+        try:
+            deadline = time.monotonic() + 10
+            with engine.connect() as probe:
+                while time.monotonic() < deadline and not probe.execute(sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()")).scalar():
+                    time.sleep(0.05)
+            relaxed = Settings(db=db_url, migrations=CARDS_MIGRATIONS, backup_dir=tmp_path / "backups",
+                               workers=1, sections={"checks": {"max_transaction_seconds": 600}})
+            with Migrator(relaxed) as m:
+                activity = outcome(preflight(m), "activity")
+            assert activity.verdict == "warning", activity
+            assert "writers are waiting for locks" in activity.details and "lock_waits = " in activity.details
+        finally:
+            holder.rollback()
+            writer.join(30)
+        assert not writer.is_alive() and not errors, errors
+    finally:
+        holder.close()
+        engine.dispose()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import getpass
 import importlib
+import inspect
 import os
 import shutil
 import socket
@@ -639,19 +640,51 @@ class _Row:
         self.__dict__.update(data)
 
 
+def _health(ctx: CheckContext, conn: Connection) -> dict[str, Any]:
+    """The dialect's health figures; where it can list long transactions, those open longer
+    than [checks] max_transaction_seconds (so the check can name them)."""
+    health = getattr(ctx.dialect, "health", None)
+    if not callable(health):
+        return {}
+    try:
+        takes_limit = "long_after" in inspect.signature(health).parameters
+    except (TypeError, ValueError):
+        takes_limit = False
+    if takes_limit:
+        return dict(health(conn, long_after=ctx.settings.max_transaction_seconds))
+    return dict(health(conn))
+
+
+def _long_transactions(figures: Mapping[str, Any], limit: int = 5) -> str:
+    """Who holds the long transactions: what an operator needs to end one."""
+    listed = [t for t in figures.get("long_transaction_list") or [] if isinstance(t, Mapping)]
+    named = []
+    for t in listed[:limit]:
+        about = ", ".join(str(v) for v in (t.get("user"), t.get("application"), t.get("state")) if v)
+        seconds = t.get("seconds")
+        age = f" {seconds:.0f}s" if isinstance(seconds, int | float) else ""
+        named.append(f"pid {t.get('pid')}{f' ({about})' if about else ''}{age}")
+    more = f" and {len(listed) - limit} more" if len(listed) > limit else ""
+    return "; ".join(named) + more
+
+
 def _activity(ctx: CheckContext) -> str | Warn:
     problems, warnings, facts = [], [], []
     with ctx.read("activity") as conn:
         writers = ctx.dialect.pending_writers(conn)
-        figures = ctx.dialect.health(conn) if callable(getattr(ctx.dialect, "health", None)) else {}
+        figures = _health(ctx, conn)
     problems += writers
     oldest = figures.get("oldest_transaction_s")
     if isinstance(oldest, int | float) and oldest > ctx.settings.max_transaction_seconds:
+        holders = _long_transactions(figures)
         problems.append(f"a transaction has been open for {oldest:.0f}s "
-                        f"(limit {ctx.settings.max_transaction_seconds:g}s)")
+                        f"(limit {ctx.settings.max_transaction_seconds:g}s)"
+                        + (f": {holders}" if holders else ""))
     for name, value in figures.items():
         if isinstance(value, int | float) and value > 0 and "lock_wait" in name:
             warnings.append(f"{name} = {value:g}")
+        if isinstance(value, list | dict):  # the lists behind the figures go to the data only
+            continue
         if value is not None:
             facts.append(f"{name}={value:g}" if isinstance(value, int | float) else f"{name}={value}")
     if problems:

@@ -42,7 +42,13 @@ from ._exceptions import (
     SafeMigrateError,
     UsageError,
 )
-from .backup import plain_snapshot, take_snapshot, verify_backup_record
+from .backup import (
+    layers_of,
+    manifest_path_for,
+    plain_snapshot,
+    take_snapshot,
+    verify_backup_record,
+)
 from .ddl import run_schema_step
 from .digest import reflect, row_differences, table_digest
 from .events import Event
@@ -247,6 +253,7 @@ class RollbackExecutor:
             return f"snapshot {Path(record['location']).name} verified (sha256 {record['sha256'][:12]})"
         assert self.migration is not None
         found = []
+        expected = self._shadow_rows_recorded()
         with self.dialect.engine.connect() as conn:
             inspector = sa.inspect(conn)
             for row in self._changed_steps():
@@ -257,8 +264,29 @@ class RollbackExecutor:
                         raise BackupError(f"the shadow copy {name} of step {row['idx']} is missing",
                                           "roll back with --strategy restore (from the snapshot)")
                     rows = conn.execute(sa.select(sa.func.count()).select_from(sa.table(name))).scalar()
-                    found.append(f"{name} ({rows} rows)")
+                    if name in expected and rows != expected[name]:
+                        raise BackupError(
+                            f"the shadow copy {name} of step {row['idx']} holds {rows} rows, "
+                            f"the backup manifest says {expected[name]}: it was damaged",
+                            "roll back with --strategy restore (from the snapshot)")
+                    compared = "as recorded" if name in expected else "no manifest left to compare"
+                    found.append(f"{name} ({rows} rows, {compared})")
         return "shadow copies present: " + (", ".join(found) or "none needed (new columns only)")
+
+    def _shadow_rows_recorded(self) -> dict[str, int]:
+        """Row counts the run's backup manifests recorded for its shadow copies. A shadow copy is
+        written once, before the backfill, so any other count means it was damaged since."""
+        expected: dict[str, int] = {}
+        for record in self.journal.backups(self.run_id, kind="snapshot"):
+            path = manifest_path_for(record["location"])
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # no manifest left: the shadow is checked for presence only
+            for layer in layers_of(manifest):
+                if layer["layer"] == "shadow" and layer.get("rows") is not None:
+                    expected[str(layer.get("location", "")).removeprefix("table ")] = int(layer["rows"])
+        return expected
 
     # -- progress (the journal entry rollback:<run_id>) ------------------------------------------
     def _save(self) -> None:
