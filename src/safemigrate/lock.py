@@ -43,6 +43,7 @@ class RunLock:
         self.purpose = purpose
         self.owner = f"{purpose}:{uuid.uuid4().hex[:12]}"
         self.run_id: str | None = None
+        self.takeover: dict[str, Any] | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,14 +68,18 @@ class RunLock:
                 name=LOCK_NAME, owner=self.owner, run_id=run_id, hostname=socket.gethostname(),
                 pid=os.getpid(), acquired_at=now, heartbeat_at=now))
         self.run_id = run_id
-        if takeover is not None:
-            self.journal.event(run_id, "lock.takeover",
-                               f"took over the lock of a dead runner: {takeover['reason']}",
-                               level="warning", data=takeover)
+        # Said once the run is known (see `pop_takeover`): the operator sees it in the run's
+        # output and history, not in an event without a run.
+        self.takeover = takeover
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="safemigrate-heartbeat",
                                         daemon=True)
         self._thread.start()
+
+    def pop_takeover(self) -> dict[str, Any] | None:
+        """The lock taken over from a dead or silent runner by `acquire`, once."""
+        takeover, self.takeover = self.takeover, None
+        return takeover
 
     def attach_run(self, run_id: str) -> None:
         self.run_id = run_id
@@ -94,6 +99,10 @@ class RunLock:
                 continue
 
     def release(self) -> None:
+        unsaid = self.pop_takeover()  # no run was attached (a restore): journal it without one
+        if unsaid is not None:
+            self.journal.event(self.run_id, "lock.takeover", "took over the lock of a dead "
+                               f"runner: {unsaid['reason']}", level="warning", data=unsaid)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)

@@ -114,6 +114,10 @@ class Migrator:
     def lock_attach(self, run_id: str) -> None:
         if self._lock is not None:
             self._lock.attach_run(run_id)
+            takeover = self._lock.pop_takeover()
+            if takeover is not None:
+                self.bus.emit(Event("lock.takeover", "took over the lock of a dead runner: "
+                                    f"{takeover['reason']}", run_id, "warning", takeover))
 
     def _check_lock(self, stats: BatchStats | None = None) -> int | None:
         if self._lock is not None and self._lock.lost.is_set():
