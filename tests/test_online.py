@@ -216,3 +216,176 @@ def test_rollback_in_the_middle_keeps_application_writes(cards_url: str, tmp_pat
     assert all(after[i] == before[i] for i in untouched)
     rollback.close()
     migrator.close()
+
+
+# -- the drains: every row the application writes is validated; a writer cannot hold the run ---
+# A code copied from text into an INTEGER column: the transform's own output ("0042") passes
+# the validator, but the database stores 42, which does not. Only a check of what was STORED
+# catches it, as the validation phase does for the scanned rows.
+CODES = '''
+from safemigrate import AddColumn, Backfill, Migration
+
+def code(row):
+    return {"code": row["code_src"][:4]}
+
+def same_code(row, new):
+    if str(new["code"]) != row["code_src"][:4]:
+        raise ValueError(f"code {new['code']!r} does not match {row['code_src'][:4]!r}")
+
+migration = Migration(
+    id="0001_codes",
+    steps=[
+        AddColumn("items", "code", "INTEGER"),
+        Backfill("items", code, reads=["code_src"], writes=["code"], validate=same_code),
+    ],
+)
+'''
+
+
+def _items(url: str, rows: int) -> None:
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE items (id INTEGER PRIMARY KEY, "
+                             "code_src VARCHAR(40) NOT NULL, touched INTEGER NOT NULL DEFAULT 0)"))
+        conn.execute(sa.text("INSERT INTO items (id, code_src) VALUES (:i, :c)"),
+                     [{"i": i, "c": f"{1000 + i}-item"} for i in range(1, rows + 1)])
+    engine.dispose()
+
+
+def _codes_migrator(url: str, tmp_path: Path, **settings) -> tuple[Migrator, list]:
+    folder = tmp_path / "migrations"
+    folder.mkdir(exist_ok=True)
+    (folder / "0001_codes.py").write_text(CODES)
+    migrator = Migrator(Settings(db=url, migrations=folder, backup_dir=tmp_path / "backups",
+                                 workers=1, **settings))
+    events: list = []
+    migrator.bus.subscribe(events.append)
+    return migrator, events
+
+
+def _app_write(url: str, statements: list[tuple[str, dict]]) -> None:
+    """The application, on its own connection."""
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        for sql, params in statements:
+            conn.execute(sa.text(sql), params)
+    engine.dispose()
+
+
+def _write_at(point: str, url: str, migrator: Migrator, monkeypatch: pytest.MonkeyPatch,
+              statements: list[tuple[str, dict]]) -> None:
+    """Make the application write once, at `point` of the cleanup phase: as it starts (after
+    validation's snapshot), or right before the triggers are removed (after the last drain
+    made while they were in)."""
+    if point == "cleanup-start":
+        def on_event(event) -> None:
+            if event.kind == "phase.started" and event.data.get("phase") == "cleanup":
+                _app_write(url, statements)
+        migrator.bus.subscribe(on_event)
+    else:
+        import safemigrate.capture as capture_module
+
+        original, done = capture_module.remove_triggers, []
+
+        def remove_triggers(dialect, cap) -> None:
+            if not done:
+                done.append(True)
+                _app_write(url, statements)
+            original(dialect, cap)
+        monkeypatch.setattr(capture_module, "remove_triggers", remove_triggers)
+
+
+def _code_rows(url: str) -> dict[int, tuple[str, object]]:
+    engine = engine_for(url)
+    with engine.connect() as conn:
+        rows = {r[0]: (r[1], r[2]) for r in conn.execute(sa.text("SELECT id, code_src, code FROM items"))}
+    engine.dispose()
+    return rows
+
+
+@pytest.mark.parametrize("point", ["cleanup-start", "before-trigger-removal"])
+def test_rows_written_after_validation_are_validated(db_url: str, tmp_path: Path, point: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _items(db_url, 20)
+    migrator, events = _codes_migrator(db_url, tmp_path, batch_size=5)
+    _write_at(point, db_url, migrator, monkeypatch, [
+        ("UPDATE items SET code_src = :c WHERE id = 3", {"c": "7777-updated"}),
+        ("INSERT INTO items (id, code_src) VALUES (21, :c)", {"c": "8888-new"}),
+    ])
+    (result,) = migrator.run()
+    assert result.status == "completed"
+    rows = _code_rows(db_url)
+    assert rows[3] == ("7777-updated", 7777) and rows[21] == ("8888-new", 8888)
+    assert all(code == int(src[:4]) for src, code in rows.values())
+    drain_checks = [c for c in result.checks if c.name == "drain:items#1"]
+    assert drain_checks and drain_checks[0].passed, [c.name for c in result.checks]
+    assert "2 rows written by the application after validation" in drain_checks[0].details
+    assert "2 validated as stored" in drain_checks[0].details
+    journaled = [e for e in migrator.journal.events(result.run_id)
+                 if e["kind"] == "validation.check" and "drain:items#1" in e["message"]]
+    assert journaled, "the check of the drained rows is in the audit trail"
+    migrator.close()
+
+
+@pytest.mark.parametrize("point", ["cleanup-start", "before-trigger-removal"])
+def test_row_written_after_validation_that_fails_validation_rolls_back(
+        db_url: str, tmp_path: Path, point: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safemigrate import ValidationError
+
+    _items(db_url, 20)
+    migrator, events = _codes_migrator(db_url, tmp_path, batch_size=5)
+    _write_at(point, db_url, migrator, monkeypatch, [
+        ("INSERT INTO items (id, code_src) VALUES (21, :c)", {"c": "0042-stored-as-42"})])
+    with pytest.raises(ValidationError, match=r"drain:items#1.*\[21\]"):
+        migrator.run()
+    failed = [e for e in events if e.kind == "validation.failed"]
+    assert failed and failed[0].data["failures"][0]["name"] == "drain:items#1"
+    engine = engine_for(db_url)
+    with engine.connect() as conn:  # rolled back: the column is gone, the application's row kept
+        assert "code" not in {c["name"] for c in sa.inspect(conn).get_columns("items")}
+        rows = dict(conn.execute(sa.text("SELECT id, code_src FROM items")).all())
+    engine.dispose()
+    assert rows[21] == "0042-stored-as-42" and len(rows) == 21
+    migrator.close()
+
+
+@pytest.mark.parametrize("drain_passes", [None, 1])
+def test_a_writer_that_never_stops_does_not_hold_the_drain(
+        db_url: str, tmp_path: Path, drain_passes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application writes two rows every time the drain commits a batch of one: the log
+    never empties while the triggers are in. The drain gives up after a bounded number of
+    passes, says so, and the run still ends with every row migrated and validated."""
+    import safemigrate.engine as engine_module
+
+    _items(db_url, 20)
+    bound = {"drain_passes": drain_passes} if drain_passes else {}  # None: the default (10)
+    migrator, events = _codes_migrator(db_url, tmp_path, batch_size=1, **bound)
+    original, calls = engine_module.capture_mark_drained, []
+
+    def mark_drained(conn, drained, seqs) -> None:
+        original(conn, drained, seqs)
+        calls.append(len(seqs))
+        if len(calls) > 300:
+            raise RuntimeError("the drain never stops while the application writes")
+        ids = [(len(calls) * 2) % 20 + 1, (len(calls) * 2 + 1) % 20 + 1]
+        conn.execute(sa.text("UPDATE items SET touched = touched + 1 WHERE id IN (:a, :b)"),
+                     {"a": ids[0], "b": ids[1]})
+
+    monkeypatch.setattr(engine_module, "capture_mark_drained", mark_drained)
+
+    def seed(event) -> None:  # one application write during the scan starts the log
+        if event.kind == "step.started" and event.data.get("step") == 1:
+            _app_write(db_url, [("UPDATE items SET code_src = :c WHERE id = 5", {"c": "5555-x"})])
+    migrator.bus.subscribe(seed)
+    (result,) = migrator.run()
+    assert result.status == "completed"
+    bounded = [e for e in events if e.kind == "queue.bounded"]
+    assert len(bounded) == 2, [e.kind for e in events]  # after the scan, and in cleanup
+    assert all(e.level == "warning" and e.data["remaining"] > 0 for e in bounded)
+    assert bounded[0].data["passes"] == (drain_passes or 2)  # 1 → 2 entries: not shrinking
+    assert len(calls) < 50
+    rows = _code_rows(db_url)
+    assert rows[5] == ("5555-x", 5555)
+    assert all(code == int(src[:4]) for src, code in rows.values())
+    assert all(c.passed for c in result.checks), [c for c in result.checks if not c.passed]
+    migrator.close()

@@ -7,7 +7,8 @@ use it to tell the application's changes from the migration's. The migration's o
 only written columns, so they do not fire the update trigger.
 
 The triggers go in just before the snapshot (so no write escapes between the two) and come out
-in cleanup, followed by one last drain. They and their log are safemigrate-owned objects.
+in cleanup, after validation, followed by one last drain (each drain validates the rows it
+writes, see `Runner._phase_cleanup`). They and their log are safemigrate-owned objects.
 """
 
 from __future__ import annotations
@@ -122,13 +123,24 @@ def pending(conn: Connection, capture: Capture, drained: str,
     skipped."""
     log = log_table(conn, capture)
     cols = [log.c[f"k_{k}"] for k in capture.keys]
-    query = sa.select(log.c.seq, *cols, log.c.op).order_by(log.c.seq)
-    if sa.inspect(conn).has_table(drained):  # no table yet: nothing drained yet
-        done = drained_table(drained)
-        query = query.where(~sa.exists(sa.select(1).select_from(done).where(done.c.seq == log.c.seq)))
+    query = _undrained(conn, log, drained, sa.select(log.c.seq, *cols, log.c.op).order_by(log.c.seq))
     if limit is not None:
         query = query.limit(limit)
     return [(r[0], tuple(r[1:-1]), r[-1]) for r in conn.execute(query)]
+
+
+def pending_count(conn: Connection, capture: Capture, drained: str) -> int:
+    """How many log entries a backfill step has not drained yet (the drain's backlog)."""
+    log = log_table(conn, capture)
+    query = _undrained(conn, log, drained, sa.select(sa.func.count()).select_from(log))
+    return int(conn.execute(query).scalar() or 0)
+
+
+def _undrained(conn: Connection, log: sa.Table, drained: str, query: sa.Select) -> sa.Select:
+    if not sa.inspect(conn).has_table(drained):  # no table yet: nothing drained yet
+        return query
+    done = drained_table(drained)
+    return query.where(~sa.exists(sa.select(1).select_from(done).where(done.c.seq == log.c.seq)))
 
 
 def ensure_drained(conn: Connection, drained: str) -> None:

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .capture import drained_name as capture_drained_name
 from .capture import ensure_drained as capture_ensure_drained
 from .capture import mark_drained as capture_mark_drained
 from .capture import pending as capture_pending
+from .capture import pending_count as capture_pending_count
 from .dialects import Dialect
 from .digest import reflect
 from .events import Event, EventBus
@@ -166,6 +167,28 @@ class PreparedUpdate:
             value, names = self._value, self.names
             params = [{n: value(n, key, new) for n in names} for key, new in rows]
         conn.exec_driver_sql(self.sql, params)
+
+
+@dataclass
+class DrainReport:
+    """What one drain of the change log did."""
+
+    rows: int = 0  # rows written by the application, found and transformed (or quarantined)
+    validated: int = 0  # of those, re-read as stored and passed the step's validator
+    quarantined: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+    remaining: int = 0  # log entries left: the application wrote faster than the drain
+    failures: list[str] = field(default_factory=list)  # rows whose stored values failed
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = self.failures[:3]
+        return out
+
+
+class _StoredRowInvalid(Exception):
+    """A drained row failed validation as stored: its batch is rolled back."""
 
 
 class StopSignal:
@@ -395,43 +418,122 @@ class BackfillExecutor:
             self.journal.quarantine_rows(conn, self.run_id, self.step_idx, self.step.table,
                                          [(list(k), r, e) for k, r, e in bad])
 
-    def drain(self, capture: Capture) -> int:
-        """Migrate the rows the application wrote while the scan ran (from the change log),
-        until the log has nothing new. Each round reads, transforms and writes in ONE
-        transaction with the log position, so a crash resumes exactly where it stopped.
-        Deleted rows are simply not found: nothing is resurrected."""
+    def drain(self, capture: Capture, *, max_passes: int | None = None,
+              max_seconds: float | None = None, until_empty: bool = False) -> DrainReport:
+        """Migrate the rows the application wrote while the scan ran (from the change log).
+
+        Work goes in passes, each over the backlog counted at its start; passes repeat while
+        the backlog shrinks, up to `max_passes` or `max_seconds`, then one final pass, so an
+        application that writes faster than the drain cannot keep it here forever: what it
+        leaves is announced (`queue.bounded`) and drained later (cleanup). `until_empty` is
+        for the drain after the triggers are gone, when the log no longer grows.
+
+        Each batch reads (locking the rows), transforms, writes, re-reads what it stored and
+        runs the validator on it, and records the log position, in ONE transaction: the
+        application cannot change a row between its read, its write and its check, and a crash
+        resumes exactly where it stopped.
+        A row that fails the check is not committed; the drain stops and reports it. Deleted
+        rows are simply not found: nothing is resurrected."""
+        report = DrainReport()
         if not capture.log:
-            return 0
-        processed = 0
+            return report
         with self.dialect.engine.connect() as conn:
             table = self._table(conn)
         pk = list(table.primary_key.columns)
         names = [c.name for c in pk] + [c for c in self.step.reads if c not in {p.name for p in pk}]
         update = self._update_statement(table, pk)
-        select = sa.select(*[table.c[n] for n in names])
+        # Locking reads (FOR UPDATE; SQLite's BEGIN IMMEDIATE locks the whole database): the
+        # application cannot change or delete a row between its read, its write and its check,
+        # and on MySQL they read the latest rows, not the transaction's older snapshot.
+        select = sa.select(*[table.c[n] for n in names]).with_for_update()
+        stored = sa.select(*pk, *[table.c[w] for w in self.step.writes]).with_for_update()
         key_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
         drained = capture_drained_name(self.run_id, self.step_idx)
         with self.dialect.engine.begin() as conn:
             capture_ensure_drained(conn, drained)
-        while True:
+
+        def backlog() -> int:
+            with self.dialect.engine.connect() as conn:
+                return capture_pending_count(conn, capture, drained)
+
+        def batch(limit: int) -> int:
+            """One transaction; returns the log entries it consumed (0: none left)."""
             with self.dialect.engine.begin() as conn:
-                batch = capture_pending(conn, capture, drained, self.batch_size)
-                if not batch:
-                    break
-                keys = list(dict.fromkeys(key for _, key, _ in batch))
-                wanted = [k[0] for k in keys] if len(pk) == 1 else keys
-                rows = [tuple(r) for r in conn.execute(select.where(key_expr.in_(wanted)))]
+                entries = capture_pending(conn, capture, drained, limit)
+                if not entries:
+                    return 0
+                keys = list(dict.fromkeys(key for _, key, _ in entries))
+                rows = [tuple(r) for r in conn.execute(select.where(key_expr.in_(self._wanted(keys, pk))))]
                 ok, bad = transform_rows(self.step, names, len(pk), rows)
                 retried = [k for k, _ in ok] + [k for k, _, _ in bad]
                 released = self.journal.unquarantine(conn, self.run_id, self.step_idx, retried)
                 self._apply_outcome(conn, update, ok, bad)
-                capture_mark_drained(conn, drained, [seq for seq, _, _ in batch])
+                validated = self._check_stored(conn, stored, key_expr, pk, names, rows, ok, report)
+                capture_mark_drained(conn, drained, [seq for seq, _, _ in entries])
                 self.journal.update_step(
                     conn, self.run_id, self.step_idx,
                     rows_quarantined=steps_table.c.rows_quarantined - released + len(bad))
-            processed += len(rows)
-        if processed:
-            self.bus.emit(Event("queue.drained", f"{processed} rows written by the application during "
+            report.rows += len(rows)
+            report.validated += validated
+            report.quarantined += len(bad)
+            return len(entries)
+
+        started, previous = time.monotonic(), None
+        try:
+            while (todo := backlog()) > 0:
+                final = not until_empty and (
+                    (previous is not None and todo >= previous)
+                    or (max_passes is not None and report.passes + 1 >= max_passes)
+                    or (max_seconds is not None and time.monotonic() - started >= max_seconds))
+                report.passes += 1
+                previous, left = todo, todo
+                while left > 0 and (done := self._retry_locked(
+                        "drain", lambda n=left: batch(min(self.batch_size, n)))):
+                    left -= done
+                if final:
+                    break
+        except _StoredRowInvalid:
+            pass  # that batch rolled back: its rows stay in the log; report.failures says why
+        report.seconds = time.monotonic() - started
+        if report.rows:
+            self.bus.emit(Event("queue.drained", f"{report.rows} rows written by the application during "
                                 f"the migration were migrated too", self.run_id,
-                                data={"step": self.step_idx, "rows": processed}))
-        return processed
+                                data={"step": self.step_idx, **report.as_dict()}))
+        if not report.failures and not until_empty:
+            report.remaining = backlog()
+            if report.remaining:
+                self.bus.emit(Event(
+                    "queue.bounded", f"drain of {self.step.table} bounded: the application wrote "
+                    f"faster than it drained; {report.remaining} log entries left after "
+                    f"{report.passes} passes ({report.seconds:.1f}s), for the next drain",
+                    self.run_id, level="warning", data={"step": self.step_idx, **report.as_dict()}))
+        return report
+
+    @staticmethod
+    def _wanted(keys: list[Key], pk: list[sa.Column]) -> list[Any]:
+        return [k[0] for k in keys] if len(pk) == 1 else keys
+
+    def _check_stored(self, conn: Connection, stored: sa.Select, key_expr: Any,
+                      pk: list[sa.Column], names: list[str], rows: list[tuple[Any, ...]],
+                      ok: list[tuple[Key, dict[str, Any]]], report: DrainReport) -> int:
+        """Re-read the values just written (same transaction) and run the validator on them,
+        as the validation phase does for the scanned rows. Raises _StoredRowInvalid (rolling
+        the batch back) with the failures in `report`."""
+        if not ok or self.step.validate is None:
+            return 0
+        n_key = len(pk)
+        before = {tuple(r[:n_key]): dict(zip(names, r, strict=True)) for r in rows}
+        wanted = self._wanted([k for k, _ in ok], pk)
+        after = {tuple(r[:n_key]): dict(zip(self.step.writes, r[n_key:], strict=True))
+                 for r in conn.execute(stored.where(key_expr.in_(wanted)))}
+        for key, _ in ok:
+            try:
+                if key not in after:
+                    raise LookupError("the row written is not there")
+                if self.step.validate(dict(before[key]), after[key]) is False:
+                    raise ValueError("validate() returned False")
+            except Exception as exc:  # noqa: BLE001 - a failing row is reported, not raised
+                report.failures.append(f"{list(key)}: {type(exc).__name__}: {exc}")
+        if report.failures:
+            raise _StoredRowInvalid
+        return len(ok)

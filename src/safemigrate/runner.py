@@ -33,7 +33,7 @@ from .backup import (
 )
 from .ddl import run_schema_step
 from .digest import reflect
-from .engine import BackfillExecutor
+from .engine import BackfillExecutor, DrainReport
 from .events import Event
 from .migration import PHASES, Migration
 from .shadow import create_shadow, shadow_rows
@@ -139,6 +139,15 @@ class Runner:
             self.journal.phase(self.run_id, current, "interrupted", exc.message)
             self.journal.update_run(None, self.run_id, status="interrupted", error=exc.message)
             self.emit("run.interrupted", exc.message, "warning", phase=current)
+            raise
+        except KeyboardInterrupt as exc:  # abort now (a second SIGINT): journal it, then go
+            message = str(exc) or "interrupted (KeyboardInterrupt)"
+            try:
+                self.journal.phase(self.run_id, current, "interrupted", message)
+                self.journal.update_run(None, self.run_id, status="interrupted", error=message)
+                self.emit("run.interrupted", message, "warning", phase=current)
+            except Exception:  # noqa: BLE001, S110 - status still sees a dead runner as interrupted
+                pass
             raise
         except GuardTrippedError as exc:
             self._tripped(current, exc)
@@ -256,10 +265,23 @@ class Runner:
     def _captures(self) -> dict[str, capture.Capture]:
         return {c.table: c for c in capture.load(self.journal, self.run_id)}
 
-    def _drain(self, idx: int, step: Backfill) -> None:
+    def _drain(self, idx: int, step: Backfill, phase: str, *, until_empty: bool = False) -> DrainReport:
+        """Drain the step's change log (bounded by drain_passes / drain_seconds unless
+        `until_empty`). A drained row that fails validation as stored fails the run as a failed
+        validation does (rolled back when auto_rollback is on)."""
         cap = self._captures().get(step.table)
-        if cap is not None:
-            self._executor(idx, step).drain(cap)
+        if cap is None:
+            return DrainReport()
+        report = self._executor(idx, step).drain(
+            cap, max_passes=self.settings.drain_passes, max_seconds=self.settings.drain_seconds,
+            until_empty=until_empty)
+        if report.failures:
+            check = CheckResult(f"drain:{step.table}#{idx}", False,
+                                f"{len(report.failures)} rows written by the application fail "
+                                f"validation as stored ({'; '.join(report.failures[:3])})")
+            self._record_check(check)
+            self._validation_failed(phase, [check])
+        return report
 
     def _executor(self, idx: int, step: Backfill) -> BackfillExecutor:
         return BackfillExecutor(
@@ -350,7 +372,7 @@ class Runner:
                 continue
             if isinstance(step, Backfill):
                 self._executor(idx, step).run()
-                self._drain(idx, step)
+                self._drain(idx, step, phase)
                 continue
             self.emit("step.started", step.describe(), step=idx)
             run_schema_step(self.dialect, self.journal, self.run_id, idx, step, step_rows[idx])
@@ -393,10 +415,13 @@ class Runner:
                                f"{result.details}", level="info" if result.passed else "error",
                                data=result.as_dict())
         bad = failed(results)
-        if not bad:
-            return
+        if bad:
+            self._validation_failed("validation", bad)
+
+    def _validation_failed(self, phase: str, bad: list[CheckResult]) -> None:
+        """Roll back (auto_rollback) and raise ValidationError, or fail the run."""
         summary = "; ".join(f"{r.name}: {r.details}" for r in bad)
-        self.journal.phase(self.run_id, "validation", "failed", summary)
+        self.journal.phase(self.run_id, phase, "failed", summary)
         self.emit("validation.failed", f"validation failed: {summary}", "error",
                   failures=[r.as_dict() for r in bad])
         if not self.settings.auto_rollback:
@@ -407,16 +432,42 @@ class Runner:
         raise ValidationError(f"validation failed and the run was rolled back: {summary}")
 
     def _phase_cleanup(self, run: dict[str, Any]) -> None:
+        """Cleanup steps, then the last drains, with the triggers removed in between.
+
+        The application writes until the very end, so the triggers stay through validation:
+        untouched-columns and a rollback read the log to tell its rows apart, and a write after
+        the triggers came out would be one nobody sees. Rows it wrote after validation's
+        snapshot are therefore drained here, after validation, and are validated by the drain
+        itself: each drain batch re-reads what it stored and runs the validator in the same
+        transaction as the write (the application cannot change the row in between), and a
+        failing row fails the run like a failed validation. Order: a bounded drain while the
+        application still writes, triggers out, then a drain until the log is empty (it no
+        longer grows), so every row the application wrote while captured is transformed and
+        validated before the run completes."""
         self._apply_steps("cleanup")
-        # Last drain, triggers out, then one more drain for what was logged before they went.
         backfills = [(i, s) for i, s in enumerate(self.migration.steps) if isinstance(s, Backfill)]
-        for idx, step in backfills:
-            self._drain(idx, step)
+        reports = {idx: self._drain(idx, step, "cleanup") for idx, step in backfills}
         for cap in self._captures().values():
             capture.remove_triggers(self.dialect, cap)
         for idx, step in backfills:
-            self._drain(idx, step)
+            last = self._drain(idx, step, "cleanup", until_empty=True)
+            first = reports[idx]
+            rows, validated = first.rows + last.rows, first.validated + last.validated
+            if rows:
+                self._record_check(CheckResult(
+                    f"drain:{step.table}#{idx}", True,
+                    f"{rows} rows written by the application after validation migrated "
+                    f"({validated} validated as stored, {first.quarantined + last.quarantined} "
+                    f"quarantined) in cleanup"))
         self.m.dialect_analyze(sorted(self.migration.tables()))
         with self.dialect.engine.begin() as conn:
             self.journal.mark_applied(conn, self.migration.id, self.migration.checksum, self.run_id)
             self.journal.update_run(conn, self.run_id, status="completed", finished_at=time.time())
+
+    def _record_check(self, result: CheckResult) -> None:
+        assert self.result is not None
+        self.result.checks.append(result)
+        self.journal.event(self.run_id, "validation.check",
+                           f"{result.name}: {'passed' if result.passed else 'FAILED'} "
+                           f"{result.details}", level="info" if result.passed else "error",
+                           data=result.as_dict())

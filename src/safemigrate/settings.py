@@ -31,6 +31,10 @@ class Settings:
     disk_factor: float = 3.0
     auto_rollback: bool = True
     online: bool = True  # capture application writes during the migration (triggers)
+    # The drain of captured writes after a scan: passes while the backlog shrinks, at most
+    # this many (then a final pass) or this long; what is left waits for the next drain.
+    drain_passes: int = 10
+    drain_seconds: float = 60.0
     sections: dict[str, Any] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, Any]:
@@ -42,7 +46,8 @@ class Settings:
         self.backup_dir = Path(self.backup_dir)
         _positive_int("batch_size", self.batch_size)
         _positive_int("workers", self.workers)
-        for name in ("lock_timeout", "lock_stale_after", "disk_factor"):
+        _positive_int("drain_passes", self.drain_passes)
+        for name in ("lock_timeout", "lock_stale_after", "disk_factor", "drain_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -146,8 +146,10 @@ def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int
                   migration_path: Path | None = None) -> CheckResult:
     """Every row is migrated or quarantined; every migrated row passes the validator again;
     quarantined rows still hold their original values. With change capture, rows the
-    application wrote are told apart: drained ones are checked like the others, those still
-    waiting in the log are checked after the final drain (in cleanup), not here."""
+    application wrote are told apart: drained ones are checked like the others; those still
+    waiting in the log are skipped here. The cleanup phase drains them (the triggers stay until
+    then) and the drain validates every row it writes, re-read as stored in the same
+    transaction as the write, failing the run like this check would (Runner._phase_cleanup)."""
 
     def check() -> str:
         quarantined = _quarantined_keys(journal, run_id, step_idx)
