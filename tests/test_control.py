@@ -114,6 +114,78 @@ def test_first_sigint_finishes_the_batch_and_is_resumable(tmp_path):
     assert done_rows(p) == 2000
 
 
+
+def test_sigterm_finishes_the_batch_checkpoints_and_a_second_run_resumes(tmp_path):
+    p = project(tmp_path, SLOW, rows=1000)
+    reference = project(tmp_path / "reference", "return {'label': row['name'].upper()}", rows=1000)
+    assert reference.cli("run").returncode == 0  # the same migration, never interrupted
+    run = p.start()
+    run.wait_event("batch")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 1
+    assert "stopping after the current batch" in run.stderr
+    assert "stopped after a committed batch: SIGTERM received" in run.stderr
+    assert "error: interrupted" not in run.stderr  # a clean stop, not an abort
+    (interrupted,) = run.events("run.interrupted")
+    assert "SIGTERM received" in interrupted["message"]
+    assert "run.completed" not in run.kinds()
+    done = done_rows(p)
+    assert 0 < done < 1000
+    assert p.query("SELECT count(*) FROM items WHERE label = 'old'")[0][0] == 1000 - done
+    status = p.status()
+    assert status["run"]["status"] == "interrupted" and not status["run"]["alive"]
+    assert status["run"]["rows_done"] == done  # the checkpoint committed with its batch
+    run_id = status["run"]["id"]
+    again = p.cli("run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming run {run_id}" in again.stdout
+    final = p.status()["run"]
+    assert final["id"] == run_id and final["status"] == "completed" and final["rows_done"] == 1000
+    assert p.digest() == reference.digest()  # as if never interrupted
+
+
+def test_a_second_sigint_aborts_at_once_and_the_run_stays_resumable(tmp_path):
+    # the first batch is quick, the second takes 2 s and notes when it starts (the checks'
+    # dry pass transforms row 101 too, earlier): both signals land inside it
+    slow_second = """\
+if row["n"] == 101:
+    with open("row-101", "a") as f:
+        f.write(f"{time.time()}\\n")
+if row["n"] > 100:
+    time.sleep(0.02)
+return {"label": row["name"].upper()}
+"""
+    p = project(tmp_path, slow_second, rows=200, config="[guards]\nautotune = false\n")
+    run = p.start()
+    first = run.wait_event("batch")
+    marker = p.root / "row-101"
+    run.wait_for(lambda: marker.exists() and any(
+        float(t) > first["ts"] for t in marker.read_text().split()), 60, "the second batch")
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert run.proc.poll() is None  # still in the batch
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 1
+    assert "stopping after the current batch (again to abort now)" in run.stderr
+    assert "error: interrupted (hint: committed batches are safe; `safemigrate run` resumes)" \
+        in run.stderr
+    assert "stopped after a committed batch" not in run.stderr  # it did not wait for the batch
+    (interrupted,) = run.events("run.interrupted")
+    assert interrupted["message"] == "aborted at once by a second SIGINT"
+    # the batch in flight was abandoned whole: only the first one is written and checkpointed
+    assert done_rows(p) == 100
+    assert p.query("SELECT count(*) FROM items WHERE label = 'old'")[0][0] == 100
+    status = p.status()["run"]
+    assert status["status"] == "interrupted" and status["rows_done"] == 100
+    (journaled,) = json.loads(p.cli("history", "--json").stdout)
+    assert journaled["status"] == "interrupted"
+    assert journaled["error"] == "aborted at once by a second SIGINT"
+    assert p.cli("status").returncode == 0  # no lock left behind
+    again = p.cli("run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming run {status['id']}" in again.stdout
+    assert done_rows(p) == 200
+
 # -- rollback requests -----------------------------------------------------------------------------
 def request(p, priority: str, *extra: str):
     return p.cli("rollback", "--priority", priority, "--reason", f"{priority} concern",

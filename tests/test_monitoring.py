@@ -107,6 +107,55 @@ def test_tuner_bounds_and_pinned_steps():
     assert BatchTuner(GuardSettings(autotune=False)).next_size(stats()) is None
 
 
+
+def test_sleep_ratio_yields_in_proportion_to_each_batch(tmp_path):
+    transform = "time.sleep(0.001)\nreturn {'label': row['name'].upper()}"
+    p = project(tmp_path, transform, rows=500,
+                config="[guards]\nautotune = false\nsleep_ratio = 2\n")
+    with p.migrator() as m:
+        events = collect(m.bus)
+        (result,) = m.run()
+    assert [e.data["batch_rows"] for e in events if e.kind == "batch"] == [100] * 5
+    metrics = p.status()["run"]["metrics"]  # the run's last snapshot, from the journal
+    assert metrics["sleep_ratio"] == 2 and metrics["batches"] == 5
+    batches, yielded = metrics["batch_seconds_total"], metrics["yielded_seconds"]
+    assert batches >= 5 * 100 * 0.001  # each batch sleeps 0.1 s in the transform
+    # slept twice each batch's duration: never less, and not much more (timer slack)
+    assert 2 * batches - 0.01 <= yielded <= 2 * batches * 1.25 + 0.1, (batches, yielded)
+    assert result.seconds > yielded
+
+
+def test_without_sleep_ratio_nothing_is_yielded(tmp_path):
+    p = project(tmp_path, "return {'label': row['name'].upper()}", rows=300,
+                config="[guards]\nautotune = false\n")
+    with p.migrator() as m:
+        m.run()
+    metrics = p.status()["run"]["metrics"]
+    assert metrics["batches"] == 3 and metrics["sleep_ratio"] == 0
+    assert metrics["batch_seconds_total"] > 0 and metrics["yielded_seconds"] == 0
+
+
+def test_rate_floor_alert_from_the_config_file_in_a_real_run(tmp_path):
+    transform = "time.sleep(0.005)\nreturn {'label': row['name'].upper()}"  # < 200 rows/s
+    p = project(tmp_path, transform, rows=250,
+                config="[monitor]\nrate_floor = 1000\nrate_floor_grace = 0\ninterval = 0.2\n")
+    result = p.cli("run", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    alerts = [e for e in lines if e["kind"] == "alert" and e["data"]["alert"] == "rate_floor"]
+    assert alerts, [e["kind"] for e in lines]
+    alert = alerts[0]
+    assert alert["level"] == "warning" and alert["data"]["threshold"] == 1000
+    assert 0 <= alert["data"]["value"] < 1000
+    assert "migration speed is slow" in alert["message"] and "below 1000" in alert["message"]
+    cleared = [e for e in lines if e["kind"] == "alert.cleared" and e["data"]["alert"] == "rate_floor"]
+    assert cleared and lines.index(cleared[0]) > lines.index(alert)  # once the backfill is over
+    (run,) = json.loads(p.cli("history", "--json").stdout)
+    journaled = [e for e in run["events"] if e["kind"] == "alert"]
+    assert [(e["data"]["alert"], e["data"]["threshold"]) for e in journaled] == \
+        [("rate_floor", 1000)] * len(alerts)
+    assert run["status"] == "completed"  # an alert only tells
+
 # -- alerts -----------------------------------------------------------------------------------------------
 def test_monitor_alerts_rate_floor_and_memory_and_clears_them():
     monitor = Monitor(MonitorSettings(rate_floor=10, rate_floor_grace=0, memory_alert=0.01,
@@ -185,6 +234,66 @@ def test_a_failing_on_start_hook_stops_the_run_before_any_change(tmp_path):
     assert not [ph for ph in status["run"]["phases"] if ph["status"] == "completed"]
 
 
+
+FAIL_8 = FAIL_15.replace("% 20 in (0, 1, 2)", "% 25 in (0, 1)")  # 8%: alerts (> 5%), no trip (< 10%)
+
+
+def test_on_alert_hook_gets_the_alert_and_the_run_state(tmp_path):
+    p = project(tmp_path, FAIL_8, rows=1000)
+    out = install_hooks(p.root, {"on-alert": DUMP})
+    result = p.cli("run", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = json.loads(result.stdout.splitlines()[-1])["runs"][0]["run_id"]
+    envs = [read_env(f) for f in out.glob("on-alert.alert.*.env")]
+    (env,) = [e for e in envs if e["SAFEMIGRATE_GUARD"] == "error_rate"]  # alert_repeat: once
+    assert set(ENV_VARS) <= set(env)
+    assert env["SAFEMIGRATE_HOOK"] == "on-alert" and env["SAFEMIGRATE_EVENT"] == "alert"
+    assert env["SAFEMIGRATE_LEVEL"] == "warning"
+    # raised after the first batch: 8 of its 100 rows quarantined
+    assert env["SAFEMIGRATE_MESSAGE"] == "high error rate: 8.00% of rows quarantined (alert above 5%)"
+    assert json.loads(env["SAFEMIGRATE_DATA"]) == {"alert": "error_rate", "value": 0.08,
+                                                   "threshold": 0.05}
+    assert env["SAFEMIGRATE_RUN_ID"] == run_id and env["SAFEMIGRATE_MIGRATION"] == "0001_label"
+    assert env["SAFEMIGRATE_STATUS"] == "running" and env["SAFEMIGRATE_PHASE"] == "transformation"
+    assert env["SAFEMIGRATE_ROWS_TOTAL"] == "1000"
+    done, quarantined = int(env["SAFEMIGRATE_ROWS_DONE"]), int(env["SAFEMIGRATE_QUARANTINED"])
+    assert 100 <= done < 1000 and quarantined == round(done * 0.08)
+    assert env["SAFEMIGRATE_DATABASE"].endswith("items.db")
+    assert float(env["SAFEMIGRATE_ELAPSED_SECONDS"]) > 0
+    assert p.status()["run"]["status"] == "completed"
+
+
+FAILS_IN_CLEANUP = """\
+from safemigrate import Backfill, Migration, RawSQL
+
+migration = Migration(
+    id="0001_label",
+    steps=[Backfill("items", lambda row: {"label": row["name"].upper()}, reads=["name"],
+                    writes=["label"]),
+           RawSQL("INSERT INTO audit_log (note) VALUES ('labels done')")],
+)
+"""
+
+
+def test_on_failure_hook_gets_the_failed_run(tmp_path):
+    p = project(tmp_path, "return {'label': 'x'}", rows=200)
+    (p.migrations / "0001_label.py").write_text(FAILS_IN_CLEANUP)
+    out = install_hooks(p.root, {name: DUMP for name in ("on-failure", "on-success")})
+    result = p.cli("run")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no such table: audit_log" in result.stderr
+    run_id = p.status()["run"]["id"]
+    (path,) = out.glob("on-failure.*.env")
+    env = read_env(path)
+    assert set(ENV_VARS) <= set(env)
+    assert env["SAFEMIGRATE_HOOK"] == "on-failure" and env["SAFEMIGRATE_EVENT"] == "run.failed"
+    assert env["SAFEMIGRATE_LEVEL"] == "error" and env["SAFEMIGRATE_STATUS"] == "failed"
+    assert env["SAFEMIGRATE_PHASE"] == "cleanup" and "no such table: audit_log" in env["SAFEMIGRATE_MESSAGE"]
+    assert json.loads(env["SAFEMIGRATE_DATA"]) == {"phase": "cleanup"}
+    assert env["SAFEMIGRATE_RUN_ID"] == run_id and env["SAFEMIGRATE_MIGRATION"] == "0001_label"
+    assert env["SAFEMIGRATE_ROWS_DONE"] == env["SAFEMIGRATE_ROWS_TOTAL"] == "200"
+    assert not list(out.glob("on-success.*"))
+
 # -- notifications ----------------------------------------------------------------------------------------
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[dict[str, Any]] = []
@@ -240,6 +349,43 @@ def test_every_rollback_request_is_notified(tmp_path, endpoint):
     assert "requested by carol (low): typo in labels" in created["message"]
     assert '"priority": "low"' in created["message"]
 
+
+
+def test_a_trip_with_auto_rollback_off_pauses_and_notifies(tmp_path, endpoint):
+    port, received = endpoint
+    p = project(tmp_path, FAIL_15, config=f'auto_rollback = false\n'
+                                          f'[guards]\nerror_rate_min_rows = 300\n'
+                                          f'[notify]\nurls = ["json://127.0.0.1:{port}/"]\n')
+    run = p.start()
+    try:
+        run.wait_event("guard.decision", decision="pause")
+        run.wait_event("control.paused")
+
+        def titles() -> list[str]:
+            return [r["title"] for r in list(received)]
+
+        run.wait_for(lambda: "safemigrate warning: control.paused" in titles(), 30,
+                     "the pause notification")
+        assert run.proc.poll() is None  # paused, not rolled back
+        run_id = p.status()["run"]["id"]
+        assert not any("rollback" in t for t in titles())
+        tripped = next(r for r in received if r["title"] == "safemigrate critical: guard.tripped")
+        assert tripped["type"] == "failure"
+        assert "guard error_rate tripped: error rate 15.0% is above 10%" in tripped["message"]
+        assert '"auto_rollback": false' in tripped["message"] and f"run: {run_id}" in tripped["message"]
+        decision = next(r for r in received if r["title"] == "safemigrate critical: guard.decision")
+        assert decision["type"] == "failure"
+        assert decision["message"].startswith("auto_rollback is off: run paused after guard "
+                                              "error_rate tripped")
+        assert "`safemigrate resume`" in decision["message"]
+        assert '"decision": "pause"' in decision["message"] and f"run: {run_id}" in decision["message"]
+        paused = next(r for r in received if r["title"] == "safemigrate warning: control.paused")
+        assert paused["type"] == "warning" and "paused by guard:error_rate" in paused["message"]
+        assert p.cli("abort", "--reason", "looked at it").returncode == 0
+        assert run.finish() == 1
+    finally:
+        run.kill()
+    assert p.status()["run"]["status"] == "interrupted"
 
 # -- Prometheus ---------------------------------------------------------------------------------------------
 def test_prometheus_endpoint_serves_the_metrics_during_a_run(tmp_path):

@@ -2,9 +2,10 @@
 
 Metrics: rows total / processed / failed (quarantined), current phase and step, rate over the
 last interval and smoothed, average, ETA, elapsed, process and system CPU and memory (psutil),
-database health figures, and the supervisor's throttle and pause state. Alerts are events
-(`alert`, and `alert.cleared` once the condition is gone) with thresholds from `[monitor]`:
-rate below a floor (seed: 10 rows/s), error rate above 5%, memory above 90%.
+database health figures, the supervisor's throttle and pause state, and the time slept between
+batches to yield to users (`yielded_seconds`: `[guards] sleep_ratio` × `batch_seconds_total`).
+Alerts are events (`alert`, and `alert.cleared` once the condition is gone) with thresholds from
+`[monitor]`: rate below a floor (seed: 10 rows/s), error rate above 5%, memory above 90%.
 
 The monitor only computes; the supervisor's timer calls `tick()` and publishes the snapshot
 (a `metrics` event, the journal, Prometheus).
@@ -132,6 +133,8 @@ class Monitor:
         self.batch_size: int | None = None
         self.last_batch_seconds: float | None = None
         self.batches = 0
+        self.batch_seconds = 0.0  # summed duration of the batches (what sleep_ratio scales)
+        self.yielded_seconds = 0.0  # slept between batches to yield to users (sleep_ratio)
         self.backfilling = False
         self.rate_last = 0.0
         self.rate_smoothed: float | None = None
@@ -173,7 +176,13 @@ class Monitor:
             self.total, self.done, self.quarantined = stats.total, stats.done, stats.quarantined
             self.batch_size, self.last_batch_seconds = stats.batch_size, stats.seconds
             self.batches += 1
+            self.batch_seconds += stats.seconds
             self.backfilling = True
+
+    def yielded(self, seconds: float) -> None:
+        """Time slept between batches to yield to users (`[guards] sleep_ratio`)."""
+        with self._lock:
+            self.yielded_seconds += seconds
 
     # -- sampling ------------------------------------------------------------------------------
     def tick(self) -> tuple[dict[str, Any], list[Event]]:
@@ -229,6 +238,8 @@ class Monitor:
             "elapsed_seconds": round(now - self.started, 3),
             "batch_size": self.batch_size, "batches": self.batches,
             "last_batch_seconds": self.last_batch_seconds,
+            "batch_seconds_total": round(self.batch_seconds, 3),
+            "yielded_seconds": round(self.yielded_seconds, 3),
             **self.system,
             "database": dict(self.database),
             **self.supervisor_state,

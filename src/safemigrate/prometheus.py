@@ -36,6 +36,8 @@ class MetricsExporter:
         self.eta = gauge("eta_seconds", "Estimated seconds left in the current backfill")
         self.elapsed = gauge("elapsed_seconds", "Seconds since this process started the run")
         self.batch_size = gauge("batch_size", "Rows per batch (auto-tuned)")
+        self.yielded = gauge("yielded_seconds", "Seconds slept between batches to yield to users "
+                             "([guards] sleep_ratio)")
         self.process = gauge("process", "This process and its workers", ("figure",))
         self.system = gauge("system", "The machine", ("figure",))
         self.database = gauge("database", "Database health figures", ("figure",))
@@ -72,7 +74,7 @@ class MetricsExporter:
         for gauge, key in ((self.rows_total, "rows_total"), (self.rows_done, "rows_done"),
                            (self.rows_failed, "rows_failed"), (self.error_rate, "error_rate"),
                            (self.eta, "eta_seconds"), (self.elapsed, "elapsed_seconds"),
-                           (self.batch_size, "batch_size")):
+                           (self.batch_size, "batch_size"), (self.yielded, "yielded_seconds")):
             if isinstance(s.get(key), int | float):
                 gauge.set(s[key])
         for window in ("last", "smoothed", "average"):

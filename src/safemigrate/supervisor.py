@@ -340,7 +340,7 @@ class Supervisor:
             "throttle": held if held and held.get("kind") == "throttle" else None,
             "paused": held if held and held.get("kind") == "pause" else None,
             "guards": live, "muted_guards": sorted(self._muted),
-            "auto_rollback": self.m.settings.auto_rollback,
+            "auto_rollback": self.m.settings.auto_rollback, "sleep_ratio": self.gs.sleep_ratio,
             "control_error": self.control.broken,
         }
 
@@ -392,7 +392,9 @@ class Supervisor:
         if not self.m.stop.is_set():
             self._gate()
         if self.gs.sleep_ratio > 0 and not self.m.stop.is_set():
+            began = time.monotonic()
             self._stop_aware_sleep(stats.seconds * self.gs.sleep_ratio)
+            self.monitor.yielded(time.monotonic() - began)
         return next_size
 
     def between_steps(self) -> None:

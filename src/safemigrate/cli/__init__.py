@@ -261,7 +261,7 @@ def _install_stop_handlers(m: Migrator) -> None:
 
     def handler(signum: int, _frame: Any) -> None:
         if m.stop.is_set():
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"aborted at once by a second {signal.Signals(signum).name}")
         m.stop.set(f"{signal.Signals(signum).name} received")
         err.print("stopping after the current batch (again to abort now)", style="yellow")
 
