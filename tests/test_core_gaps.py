@@ -391,10 +391,10 @@ NO_CORRUPTION_GUARD = "[guards]\ncorruption_sample = 0\ncorruption_digest = fals
 OFFLINE_NO_GUARD = "online = false\n" + NO_CORRUPTION_GUARD
 ROLLBACK_KEEPS_TRIGGER_CHANGES = (
     "the automatic reverse rollback restores `name` through the table, so the application's "
-    "trigger bumps `version` again; the rollback's content check (validate.schema_and_content) "
-    "treats every row differing only in an unrestored column as changed by the application and "
-    "passes ('kept: items: 600 rows') even with change capture off, so the run reports rolled "
-    "back (exit 3) while `version` is 2 instead of 0 on every row")
+    "trigger bumps `version` again; the rollback's proof now fails instead of passing that off "
+    "(see test_untouched_column_changed_by_a_trigger_is_caught_and_never_passed_off), so the "
+    "run ends with exit 1 and the pre-rollback state recovered, not exit 3 and the original: an "
+    "automatic fall-back to the restore strategy is not implemented")
 
 
 def _assert_rolled_back_by_validation(tmp_path: Path, db: Path, original: dict[str, Any],
@@ -427,20 +427,28 @@ def test_failed_validation_rolls_back_with_exit_3(tmp_path: Path, source: str, t
     assert [f["name"] for f in failures] == [check_name]
 
 
-def test_untouched_column_changed_by_a_trigger_is_caught_by_validation(tmp_path: Path) -> None:
-    """The detection half of the untouched-column case above (which also wants the exact
-    original back): exit 3, the check named, the backfilled column restored."""
+def test_untouched_column_changed_by_a_trigger_is_caught_and_never_passed_off(tmp_path: Path) -> None:
+    """An application trigger rewrites an undeclared column in response to the backfill's own
+    UPDATE, in a run that is not online. Validation catches it (the check named); the automatic
+    reverse rollback fires the trigger again, so its proof fails rather than passing the
+    difference off as the application's: the pre-rollback state is recovered, exit 1, and the
+    hint offers the restore strategy, which gives the exact original back."""
     db = make_items(tmp_path / "app.db", trigger=True)
+    original = digest_db(db)
     write_migration(tmp_path / "migrations", "0001_m.py", UPPER_NAMES)
     (tmp_path / "safemigrate.toml").write_text(OFFLINE_NO_GUARD)
-    names = query(db, "SELECT id, name FROM items ORDER BY id")
-    line = assert_one_error_line(sm(tmp_path, db, "run", "--workers", "1"), 3, tmp_path, "run")
-    assert "untouched-columns" in line and "version" in line, line
+    proc = sm(tmp_path, db, "run", "--workers", "1")
+    line = assert_one_error_line(proc, 1, tmp_path, "rollback")  # its hint names rollback's flags
+    assert "changed in version" in line and "not online" in line, line
+    assert "--strategy restore" in line, line
     failures = [json.loads(d)["name"] for (d,) in query(
         db, "SELECT data FROM safemigrate_events WHERE kind = 'validation.check' AND level = 'error'")]
     assert failures == ["untouched-columns"]
+    assert query(db, "SELECT count(*) FROM safemigrate_events WHERE kind = 'rollback.completed'") \
+        == [(0,)], "never reported rolled back"
+    ok(sm(tmp_path, db, "rollback", "--strategy", "restore"))
+    assert digest_db(db) == original, "the snapshot gives the exact original back"
     assert query(db, "SELECT status FROM safemigrate_runs") == [("rolled_back",)]
-    assert query(db, "SELECT id, name FROM items ORDER BY id") == names
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -555,10 +555,14 @@ class RollbackExecutor:
                 ) from None
         if recovered is not None:
             self._emergency(name, message, recovered)
+            # Reversing through the table can fire the application's triggers; restoring the
+            # verified snapshot does not replay anything, so it is the way out to offer.
+            other = (" or `safemigrate rollback --strategy restore` (from the verified snapshot)"
+                     if self.strategy == "reverse" and self._snapshot_records() else "")
             raise RollbackError(
                 f"rollback step {name} failed: {message}; recovered: the database is back at its "
                 f"state before the rollback ({recovered})",
-                "maintenance mode stays on: fix the cause, then `safemigrate rollback` again "
+                f"maintenance mode stays on: fix the cause, then `safemigrate rollback` again{other} "
                 "(`safemigrate degrade off` reopens the application meanwhile)",
             ) from None
         changed = STEPS.index(name) > STEPS.index("perform")

@@ -189,7 +189,9 @@ class RollbackValidator:
             snapshot = None
         try:
             with plain_snapshot(self.dialect, snapshot) as path:
-                return schema_and_content(self.dialect, baseline, path, self._restored_columns())
+                online = (self.run.get("options") or {}).get("online", True)
+                return schema_and_content(self.dialect, baseline, path, self._restored_columns(),
+                                          application_wrote=bool(online))
         except Exception as exc:  # noqa: BLE001 - a broken snapshot is a failed check, not a crash
             return [CheckResult("consistency", False, f"cannot compare with the snapshot: {exc}")]
 

@@ -101,7 +101,7 @@ class Runner:
                       f"from phase {run['phase']}", migration=self.migration.id, phase=run["phase"])
             return run
         options = {"batch_size": self.settings.batch_size, "workers": self.settings.workers,
-                   "backup_dir": str(self.settings.backup_dir)}
+                   "backup_dir": str(self.settings.backup_dir), "online": self.settings.online}
         with self.dialect.engine.begin() as conn:
             self.run_id = self.journal.create_run(conn, self.migration.id, self.migration.checksum,
                                                   options, __version__)

@@ -177,10 +177,13 @@ def backfill_rows(dialect: Dialect, journal: Journal, run_id: str, step_idx: int
 
 
 def schema_and_content(dialect: Dialect, baseline: dict[str, Any], snapshot: Path | None = None,
-                       restored: dict[str, set[str]] | None = None) -> list[CheckResult]:
+                       restored: dict[str, set[str]] | None = None,
+                       application_wrote: bool = True) -> list[CheckResult]:
     """After a rollback: the schema equals the pre-migration one, and so does the content,
     apart from rows the application changed meanwhile, which are kept and listed. A difference
-    in a column the rollback restored is never the application's: it fails the check."""
+    in a column the rollback restored is never the application's: it fails the check. With
+    `application_wrote` False (the run was not online: the operator said nothing else writes)
+    no difference can be put down to the application, so every one fails the check."""
     restored = restored or {}
 
     def schema() -> str:
@@ -209,6 +212,10 @@ def schema_and_content(dialect: Dialect, baseline: dict[str, Any], snapshot: Pat
                     if kind == "changed" and columns & restored.get(table, set()):
                         problems.append(f"{table} {list(key)}: restored column(s) "
                                         f"{', '.join(sorted(columns & restored[table]))} differ")
+                    elif not application_wrote:
+                        what = f" in {', '.join(sorted(columns))}" if kind == "changed" else ""
+                        problems.append(f"{table} {list(key)}: {kind}{what}, and the run was not "
+                                        "online (no application writes expected)")
                     else:
                         kept.setdefault(table, []).append(list(key))
         if problems:
