@@ -35,7 +35,7 @@ from .events import Event, EventBus
 from .journal import Journal
 from .journal import steps as steps_table
 from .steps import Backfill
-from .workers import reset_signals
+from .workers import freeze_before_fork, reset_signals
 
 Key = tuple[Any, ...]
 # (key, new values) for rows to write; (key, original row, error) for rows to quarantine
@@ -331,6 +331,7 @@ class BackfillExecutor:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         window: deque[tuple[list[tuple[Any, ...]], Future[Outcome]]] = deque()
+        freeze_before_fork()
         with ProcessPoolExecutor(
             max_workers=self.workers, mp_context=context, initializer=_init_worker,
             initargs=(str(self.migration_path), self.step_idx, names, n_key),

@@ -22,7 +22,7 @@ from .dialects import Dialect, dialect_for
 from .digest import reflect
 from .shadow import shadow_name
 from .steps import Backfill
-from .workers import reset_signals
+from .workers import freeze_before_fork, reset_signals
 
 Key = tuple[Any, ...]
 
@@ -190,6 +190,7 @@ def revalidate(dialect: Dialect, step: Backfill, job: Job, *, total: int, worker
     ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
     url = dialect.url.render_as_string(hide_password=False)
     context = multiprocessing.get_context("fork")
+    freeze_before_fork()
     tally = Tally()
     with context.Pool(workers, initializer=_init,
                       initargs=(url, dialect.lock_timeout, str(migration_path), job)) as pool:
