@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 from dataclasses import dataclass
@@ -32,12 +34,14 @@ from backends import create_database, drop_database, engine_for
 from conftest import CARDS_MIGRATIONS, assert_one_error_line, cli
 from killing import run_and_kill
 from live import RunProcess
+from safemigrate.degrade import Degradation
 from safemigrate.dialects import JOURNAL_PREFIX, dialect_for
 from safemigrate.digest import database_digest
 from safemigrate.examples.cards.generate import generate, generate_into
 from safemigrate.examples.cards.transform import WRITES, optimize_card
 from safemigrate.lock import RunLock
 from safemigrate.migrator import Migrator
+from safemigrate.rollback import STEPS, progress_of
 from safemigrate.settings import Settings
 from safemigrate.urls import normalize_url
 
@@ -629,3 +633,235 @@ def test_kill_then_rollback_restores_the_original(backend: str, db_url: str, tmp
     assert run_statuses(db_url) == ["rolled_back"]
     assert fetch(db_url, "SELECT count(*) FROM safemigrate_applied") == [(0,)]
     assert not [t for t in journal_tables(db_url) if t.startswith("safemigrate_shadow_")]
+
+
+# -- SIGKILL during a rollback, then `rollback` again --------------------------------------------------
+KILLED_ROLLBACK_TRIALS = 3
+
+
+def degradation_level(url: str) -> str:
+    with Degradation(url, ttl=0) as client:
+        return client.level()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(KILLED_ROLLBACK_TRIALS))
+def test_killed_rollback_repeated_until_it_succeeds(backend: str, db_url: str, tmp_path: Path,
+                                                    trial: int) -> None:
+    rng = random.Random(f"killed-rollback-{backend}-{trial}")
+    strategy = ("reverse", "restore")[trial % 2]
+    ws = workspace(db_url, tmp_path)
+    original = db_state(db_url)
+    ws.ok("run", *RUN_ARGS)
+    args = ws.args("rollback", "--yes", "--json", "--strategy", strategy)
+    kills: list[str] = []  # the last event each killed rollback printed
+    for _ in range(8):  # `rollback` again until one is not killed (after the end it says so)
+        outcome = run_and_kill(args, ws.root, rng, max_lines=20, max_delay=0.4)
+        if not outcome.killed:
+            assert outcome.returncode == 0, (kills, outcome.lines[-3:])
+            break
+        kills.append(outcome.lines[-1].get("kind", "(result)") if outcome.lines else "(startup)")
+        (status,) = run_statuses(db_url)
+        if status == "rolling_back" and trial == 0:
+            # a half-done rollback blocks new runs until it is finished
+            blocked = ws.sm("run", *RUN_ARGS)
+            assert blocked.returncode == 2, (kills, blocked.stderr)
+            assert "rollback" in blocked.stderr
+    else:
+        final = ws.sm("rollback", "--yes", "--strategy", strategy)
+        assert final.returncode == 0, (kills, final.stdout[-2000:], final.stderr)
+    assert db_state(db_url) == original, f"{strategy} rollback killed at {kills} is not exact"
+    assert run_statuses(db_url) == ["rolled_back"], kills
+    assert fetch(db_url, "SELECT count(*) FROM safemigrate_applied") == [(0,)], kills
+    # a rollback killed after its last commit may leave its lock: a dead runner's, taken over
+    checked = ws.sm("check", "--json")
+    lock = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "lock")
+    assert lock["verdict"] == "passed" or (lock["verdict"] == "warning"
+                                           and "dead runner" in lock["details"]), (kills, lock)
+    assert not [t for t in journal_tables(db_url) if t.startswith("safemigrate_shadow_")], kills
+    assert degradation_level(db_url) == "normal", f"maintenance mode left on after kills at {kills}"
+
+
+# -- each rollback step failing (fault injection) --------------------------------------------------------
+@pytest.mark.parametrize("point", ["rollback.perform", "rollback.rebuild", "rollback.validate"])
+def test_failed_rollback_step_loses_no_data_and_a_second_rollback_completes(
+        db_url: str, tmp_path: Path, point: str) -> None:
+    ws = workspace(db_url, tmp_path)
+    original = db_state(db_url)
+    ws.ok("run", *RUN_ARGS)
+    migrated = db_state(db_url)
+    step = point.split(".")[1]
+    proc = cli(*ws.args("rollback", "--yes"), cwd=ws.root, env={"SAFEMIGRATE_FAULTS": point})
+    line = assert_one_error_line(proc, 1, ws.root, "rollback")
+    assert "fault injected" in line and step in line, line
+    # never in between: before the data is restored the pre-rollback state (a failed validation
+    # is recovered to it); a failed rebuild comes after the data is already the original
+    assert db_state(db_url) == (original if step == "rebuild" else migrated), step
+    with Migrator(ws.settings()) as m:
+        run = m.journal.runs(1)[0]
+        progress = progress_of(m.journal, run["id"])
+        events = {e["kind"] for e in m.journal.events(run["id"])}
+        applied = set(m.journal.applied())
+    failed = next(s for s in progress["steps"] if s["name"] == step)
+    assert failed["status"] == "failed" and "fault injected" in failed["details"]
+    assert all(s["status"] == "done" for s in progress["steps"][:STEPS.index(step)])
+    assert progress["status"] == ("recovered" if step == "validate" else "failed")
+    assert "rollback.failed" in events
+    assert degradation_level(db_url) == "maintenance", "writes stay stopped until it is finished"
+    if step == "validate":
+        assert "rollback.recovered" in events
+        assert run["status"] == "completed" and applied == {"0001_cards_v3"}
+
+    back = ws.ok("rollback", "--yes", "--json")
+    result = last_json(back.stdout)
+    assert result["status"] == "rolled_back"
+    assert db_state(db_url) == original
+    with Migrator(ws.settings()) as m:
+        progress = progress_of(m.journal, result["run_id"])
+        pre_rollback = m.journal.backups(kind="pre-rollback")
+        assert m.journal.applied() == {}
+    assert progress["status"] == "completed"
+    assert [s["status"] for s in progress["steps"]] == ["done"] * len(STEPS)
+    # a resumed attempt reuses its pre-rollback backup; a recovered one starts over
+    assert len(pre_rollback) == (2 if step == "validate" else 1)
+    assert degradation_level(db_url) == "normal"
+    assert run_statuses(db_url) == ["rolled_back"]
+
+
+# -- the run timeout guard -------------------------------------------------------------------------------
+SLOWER_LABEL = label_migration("""\
+    time.sleep(0.01)
+    return {"label": "L" + str(row["id"])}
+    """)
+
+
+def test_run_timeout_guard_trips_rolls_back_and_exits_3(db_url: str, tmp_path: Path) -> None:
+    ws = workspace(db_url, tmp_path, SLOWER_LABEL, cards=False)  # ~10 s of transform, 2 workers
+    # a small pre-migration sample: the checks try the transform on it before the run's timer
+    ws.config("[guards]\nmax_run_seconds = 2\nautotune = false\n[checks]\nsample_rows = 20\n")
+    original = db_state(db_url)
+    proc = ws.sm("run", *RUN_ARGS, "--json")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr
+    assert "guard timeout tripped" in proc.stderr and "maximum of 2s" in proc.stderr, proc.stderr
+    assert "rolled back" in proc.stderr
+    kinds = [json.loads(line)["kind"] for line in proc.stdout.splitlines()]
+    assert "batch" in kinds[:kinds.index("guard.tripped")], "tripped in the middle of the backfill"
+    assert db_state(db_url) == original, "the original content and schema, exactly"
+    assert ws.status()["run"]["status"] == "rolled_back"
+    events = json.loads(ws.ok("history", "--json").stdout)[0]["events"]
+    tripped = next(e for e in events if e["kind"] == "guard.tripped")
+    figures = tripped["data"]["figures"]
+    assert tripped["data"]["guard"] == "timeout" and tripped["level"] == "critical"
+    assert figures["limit"] == 2 and 2 < figures["elapsed"] < 8, figures
+    decision = next(e for e in events if e["kind"] == "guard.decision")
+    assert decision["data"]["decision"] == "rollback"
+    assert any(e["kind"] == "rollback.completed" for e in events)
+
+
+# -- user impact: a canary query made slow --------------------------------------------------------------
+def slow_canary(url: str) -> str:
+    """A canary that takes `canary_delay.delay` seconds (SQLite: a recursive count of about that)."""
+    if url.startswith("mysql"):
+        return "SELECT SLEEP(delay) FROM canary_delay"
+    if is_server(url):
+        return "SELECT pg_sleep(delay) FROM canary_delay"
+    return ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+            "WHERE x < (SELECT delay FROM canary_delay) * 8000000) SELECT count(*) FROM c")
+
+
+def test_slow_canary_throttles_the_run_until_it_is_fast_again(db_url: str, tmp_path: Path) -> None:
+    ws = workspace(db_url, tmp_path, SLOW_LABEL, cards=False)
+    execute(db_url, "CREATE TABLE canary_delay (id INTEGER PRIMARY KEY, delay FLOAT NOT NULL)")
+    execute(db_url, "INSERT INTO canary_delay (id, delay) VALUES (1, 0)")
+    sql = slow_canary(db_url)
+    ws.config(f"""\
+        [guards]
+        autotune = false
+        max_load = {{}}
+        [canaries]
+        queries = ["{sql}"]
+        interval = 0.1
+        throttle_ms = 200
+        critical_ms = 60000
+        recover_rounds = 3
+        """)
+    done = "SELECT count(*) FROM cards WHERE label IS NOT NULL"
+    run = RunProcess(ws.root, *ws.args("", "--workers", "1", "--batch-size", "100"))
+    try:
+        run.wait_event("batch")
+        seen = len(run.lines)  # a throttle before the canary was made slow does not count
+
+        def after(kind: str) -> dict[str, Any] | None:
+            return next((e for e in run.lines[seen:] if e.get("kind") == kind
+                         and e["data"].get("guard") == "user_impact"), None)
+
+        execute(db_url, "UPDATE canary_delay SET delay = 0.5")
+        throttle = run.wait_for(lambda: after("guard.throttle"), 30, "a canary throttle")
+        assert "canary query" in throttle["message"], throttle
+        assert throttle["data"]["figures"]["throttle_ms"] == 200
+        took = re.search(r"took (\d+) ms", throttle["message"])
+        assert took and int(took.group(1)) > 200, throttle["message"]
+        time.sleep(0.8)  # the batch in flight when the throttle began commits
+        frozen = fetch(db_url, done)[0][0]
+        time.sleep(1.0)
+        assert fetch(db_url, done)[0][0] == frozen < ROWS, "no batch starts while throttled"
+        seen = len(run.lines)
+        execute(db_url, "UPDATE canary_delay SET delay = 0")
+        run.wait_for(lambda: after("guard.healthy"), 30, "the canary healthy again")
+        assert run.finish() == 0, run.stderr
+    finally:
+        run.kill()
+    assert fetch(db_url, "SELECT count(*) FROM cards WHERE label = " + concat_label(db_url)) == [(ROWS,)]
+    kinds = [e["kind"] for e in json.loads(ws.ok("history", "--json").stdout)[0]["events"]]
+    assert "guard.throttle" in kinds and "guard.healthy" in kinds
+    assert "guard.tripped" not in kinds
+
+
+KILL_AT_SERVICE = """\
+import os
+import sys
+from pathlib import Path
+
+import safemigrate.degrade as degrade
+from safemigrate.migrator import Migrator
+from safemigrate.settings import Settings
+
+real = degrade.DegradationManager.set_level
+
+
+def set_level(self, level, *args, **kwargs):
+    if level != "maintenance":  # the service step, after the run is marked rolled back
+        os._exit(137)  # as SIGKILL: no cleanup, no more journal writes
+    return real(self, level, *args, **kwargs)
+
+
+degrade.DegradationManager.set_level = set_level
+db, migrations, backups = sys.argv[1:]
+settings = Settings(db=db, migrations=Path(migrations), backup_dir=Path(backups), workers=1)
+with Migrator(settings) as m:
+    m.rollback(reason="killed in the service step")
+"""
+
+
+def test_rollback_killed_after_marking_the_run_rolled_back_resumes_and_lifts_maintenance(
+        db_url: str, tmp_path: Path) -> None:
+    ws = workspace(db_url, tmp_path)
+    original = db_state(db_url)
+    ws.ok("run", *RUN_ARGS)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SERVICE, db_url, str(ws.migrations),
+                             str(ws.backups)], cwd=ws.root, capture_output=True, text=True,
+                            timeout=240)
+    assert killed.returncode == 137, killed.stderr
+    assert run_statuses(db_url) == ["rolled_back"] and db_state(db_url) == original
+    assert degradation_level(db_url) == "maintenance", "killed before maintenance mode was lifted"
+    again = ws.ok("rollback", "--yes")
+    assert "nothing to do" not in again.stdout, again.stdout
+    assert "finish the interrupted rollback" in again.stdout and "resuming the rollback" in again.stdout
+    assert degradation_level(db_url) == "normal", "the second rollback finishes the service step"
+    assert db_state(db_url) == original and run_statuses(db_url) == ["rolled_back"]
+    with Migrator(ws.settings()) as m:
+        progress = progress_of(m.journal, m.journal.runs(1)[0]["id"])
+    assert progress["status"] == "completed"
+    assert [s["status"] for s in progress["steps"]] == ["done"] * len(STEPS)
+    third = ws.ok("rollback", "--yes")
+    assert "already rolled back; nothing to do" in " ".join(third.stdout.split())

@@ -171,6 +171,18 @@ class RollbackExecutor:
 
     def prerequisites(self) -> RollbackPlan:
         if self.run["status"] == "rolled_back":
+            unfinished = progress_of(self.journal, self.run_id)
+            if unfinished is not None and unfinished.get("status") in ("running", "failed"):
+                # interrupted in the service step, after the run was marked rolled back: the
+                # data is the original, but maintenance mode is still on; `rollback` resumes it
+                left = [s["name"] for s in unfinished["steps"] if s["status"] != "done"]
+                action = (f"finish the interrupted rollback ({', '.join(left) or 'its journal'}); "
+                          "the data is already rolled back")
+                plan = RollbackPlan(self.run_id, self.run["migration_id"], unfinished["strategy"],
+                                    [action], needs_backup=False, why=unfinished.get("why", ""),
+                                    resumes=unfinished)
+                plan.steps = [s for s in self._describe_steps(plan) if s[0] in left]
+                return plan
             raise AlreadyRolledBack(
                 f"run {self.run_id} ({self.run['migration_id']}) is already rolled back; nothing to do",
                 "to roll back an earlier run, name it: safemigrate rollback --run ID",
