@@ -4,6 +4,8 @@ JSON event lines are collected as they come."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import sqlite3
@@ -11,7 +13,7 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,3 +194,17 @@ def hold_exclusive(db: Path, seconds: float) -> threading.Thread:
 
 
 SLOW = "time.sleep(0.002)\nreturn {'label': row['name'].upper()}"
+
+
+@contextlib.contextmanager
+def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1 (a free port) in a thread, for notification endpoints
+    and health URLs; yields its port and shuts it down after."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

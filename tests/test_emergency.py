@@ -6,13 +6,12 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from live import SLOW, project
+from live import SLOW, local_http_server, project
 from safemigrate.degrade import Degradation
 from safemigrate.emergency import handle_emergency
 from safemigrate.rollback import progress_of
@@ -40,12 +39,8 @@ class _Collector(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def endpoint() -> Iterator[tuple[int, type[_Collector]]]:
     handler = type("Collector", (_Collector,), {"received": [], "health": 200})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
+    with local_http_server(handler) as port:
+        yield port, handler
 
 
 def _levels(p) -> list[str]:

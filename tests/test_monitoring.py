@@ -7,7 +7,6 @@ import http.server
 import json
 import socket
 import stat
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from live import SLOW, collect, project
+from live import SLOW, collect, local_http_server, project
 from safemigrate import GuardTrippedError
 from safemigrate.engine import BatchStats
 from safemigrate.events import Event
@@ -312,12 +311,8 @@ class _Collector(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def endpoint():
     _Collector.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], _Collector.received
-    server.shutdown()
-    server.server_close()
+    with local_http_server(_Collector) as port:
+        yield port, _Collector.received
 
 
 def test_notifications_reach_an_apprise_url_filtered_by_severity(tmp_path, endpoint):

@@ -10,7 +10,6 @@ import re
 import shutil
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import sqlalchemy as sa
 
 from backends import create_database, drop_database
 from conftest import CARDS_MIGRATIONS, assert_one_error_line, cli, digest_db, query
-from live import project
+from live import local_http_server, project
 from safemigrate._exceptions import RollbackError
 from safemigrate.degrade import Degradation
 from safemigrate.examples.cards.generate import generate, generate_into
@@ -271,12 +270,8 @@ class _Health(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def health() -> Iterator[tuple[int, type[_Health]]]:
     handler = type("Health", (_Health,), {"status": 200})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
+    with local_http_server(handler) as port:
+        yield port, handler
 
 
 def test_verify_after_rollback_reports_each_check(tmp_path: Path, health) -> None:
