@@ -407,13 +407,8 @@ class Runner:
                                              migration_path=self.migration.path))
         results += invariants(self.dialect, self.migration)
         results += smoke_checks(self.dialect, self.migration)
-        assert self.result is not None
-        self.result.checks = results
         for result in results:
-            self.journal.event(self.run_id, "validation.check",
-                               f"{result.name}: {'passed' if result.passed else 'FAILED'} "
-                               f"{result.details}", level="info" if result.passed else "error",
-                               data=result.as_dict())
+            self._record_check(result)
         bad = failed(results)
         if bad:
             self._validation_failed("validation", bad)
@@ -465,6 +460,7 @@ class Runner:
             self.journal.update_run(conn, self.run_id, status="completed", finished_at=time.time())
 
     def _record_check(self, result: CheckResult) -> None:
+        """A check's result: in the run's result and, as a validation.check event, the journal."""
         assert self.result is not None
         self.result.checks.append(result)
         self.journal.event(self.run_id, "validation.check",
